@@ -1,0 +1,50 @@
+"""scoredensity: the likelihood side of diffusion models.
+
+Log-densities through the score-based density formula (exact for an exact score, a certified lower
+bound for a learned one), every standard likelihood estimator side by side, training with likelihood
+weighting, samplers, adapters and applications. One time convention: canonical time ``t`` with
+``x_t = sqrt(1 - t) x + sqrt(t) z`` (see DESIGN.md).
+"""
+
+from .epsfn import EpsFn, call_eps, check_data
+from .logdensity import LogDensity, bits_per_dim
+from .mixtures import MIXTURE_PRESETS, GaussianMixture, mixture_preset
+from .schedules import (
+    CosineClock,
+    DDPMSchedule,
+    VEClock,
+    VPLinearClock,
+    add_noise,
+    alpha_sigma,
+    alpha_sigma_from_logsnr,
+    diffusion_squared,
+    drift,
+    linear_betas,
+    logsnr_from_t,
+    t_from_logsnr,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EpsFn",
+    "call_eps",
+    "check_data",
+    "LogDensity",
+    "bits_per_dim",
+    "GaussianMixture",
+    "mixture_preset",
+    "MIXTURE_PRESETS",
+    "CosineClock",
+    "DDPMSchedule",
+    "VEClock",
+    "VPLinearClock",
+    "add_noise",
+    "alpha_sigma",
+    "alpha_sigma_from_logsnr",
+    "diffusion_squared",
+    "drift",
+    "linear_betas",
+    "logsnr_from_t",
+    "t_from_logsnr",
+]

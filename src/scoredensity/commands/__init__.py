@@ -1,0 +1,1 @@
+"""Sub-commands of the ``scoredensity`` CLI, one module each (discovered by :mod:`scoredensity.cli`)."""
