@@ -27,9 +27,7 @@ def call_eps(eps_fn: EpsFn, x_t: Tensor, t: Tensor) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"eps_fn must return a torch.Tensor, got {type(out).__name__}")
     if out.shape != x_t.shape:
-        raise ValueError(
-            f"eps_fn returned shape {tuple(out.shape)} for input of shape {tuple(x_t.shape)}"
-        )
+        raise ValueError(f"eps_fn returned shape {tuple(out.shape)} for input of shape {tuple(x_t.shape)}")
     finite = torch.isfinite(out.flatten(1)).all(dim=1)
     if not finite.all():
         rows = (~finite).nonzero().flatten()[:10].tolist()

@@ -49,9 +49,7 @@ class GaussianMixture:
             if not torch.isfinite(v).all():
                 raise ValueError(f"{name} contain NaN or Inf")
         if (weights <= 0).any() or abs(float(weights.sum()) - 1) > 1e-6:
-            raise ValueError(
-                f"weights must be positive and sum to 1, got sum {float(weights.sum()):.8g}"
-            )
+            raise ValueError(f"weights must be positive and sum to 1, got sum {float(weights.sum()):.8g}")
         asym = (covs - covs.transpose(1, 2)).abs().amax()
         if asym > 1e-8 * max(1.0, float(covs.abs().amax())):
             raise ValueError(f"covs must be symmetric (max asymmetry {float(asym):.3g})")
@@ -89,9 +87,7 @@ class GaussianMixture:
         """Mixture covariance [d, d]."""
         m = self.mean()
         dm = self.means - m
-        return torch.einsum("k,kij->ij", self.weights, self.covs) + torch.einsum(
-            "k,ki,kj->ij", self.weights, dm, dm
-        )
+        return torch.einsum("k,kij->ij", self.weights, self.covs) + torch.einsum("k,ki,kj->ij", self.weights, dm, dm)
 
     def __repr__(self) -> str:
         return f"GaussianMixture(K={self.num_components}, d={self.dim})"
@@ -291,9 +287,9 @@ def blobs2d() -> GaussianMixture:
     s = math.sin(0.6)
     rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
     tilted = rot @ torch.diag(torch.tensor([0.8, 0.05], dtype=torch.float64)) @ rot.T
-    covs = torch.stack(
-        [tilted, 0.15 * torch.eye(2, dtype=torch.float64), torch.diag(torch.tensor([0.4, 0.1]))]
-    ).to(torch.float64)
+    covs = torch.stack([tilted, 0.15 * torch.eye(2, dtype=torch.float64), torch.diag(torch.tensor([0.4, 0.1]))]).to(
+        torch.float64
+    )
     return GaussianMixture(means, covs, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
 
 
@@ -310,8 +306,5 @@ def mixture_preset(name: str, **kwargs) -> GaussianMixture:
     try:
         factory = MIXTURE_PRESETS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown mixture preset {name!r}; choose one of {sorted(MIXTURE_PRESETS)}"
-        ) from None
+        raise ValueError(f"unknown mixture preset {name!r}; choose one of {sorted(MIXTURE_PRESETS)}") from None
     return factory(**kwargs)
-

@@ -167,9 +167,7 @@ class VEClock:
         return torch.rsqrt(1 + _as_tensor(sigma) ** 2)
 
 
-def linear_betas(
-    num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> Tensor:
+def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """DDPM's linear betas ``b_1..b_T`` (float64, [T])."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
