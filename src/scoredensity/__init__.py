@@ -7,8 +7,10 @@ weighting, samplers, adapters and applications. One time convention: canonical t
 """
 
 from .epsfn import EpsFn, call_eps, check_data
+from .formula import end_terms, integrate_expected_error, log_density
 from .logdensity import LogDensity, bits_per_dim
 from .mixtures import MIXTURE_PRESETS, GaussianMixture, mixture_preset
+from .proposals import LambdaProposal
 from .schedules import (
     CosineClock,
     DDPMSchedule,
@@ -27,6 +29,10 @@ from .schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "log_density",
+    "end_terms",
+    "integrate_expected_error",
+    "LambdaProposal",
     "EpsFn",
     "call_eps",
     "check_data",
