@@ -60,6 +60,7 @@ def formula_demo(
             "points": name,
             "n": len(x),
             "mean_err": float(err.mean()),
+            "mean_err_stderr": est.mean_stderr(),
             "mean_abs_err": float(err.abs().mean()),
             "mean_stderr": float(est.stderr.mean()),
             "max_abs_z": float(zs.abs().max()),
