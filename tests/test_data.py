@@ -84,6 +84,8 @@ def test_mixture_presets_sample_the_exact_mixture(name):
     assert torch.isfinite(gm.log_prob(x)).all()
     again = load_dataset(name, seed=1, n=4000)
     assert torch.equal(again.x_train, ds.x_train) and again.meta["sha256"] == ds.meta["sha256"]
+    rebuilt = load_dataset(**json.loads(json.dumps(ds.meta))["load_args"])
+    assert rebuilt.meta["sha256"] == ds.meta["sha256"]
     other = load_dataset(name, seed=2, n=4000)
     assert other.meta["sha256"]["x_train"] != ds.meta["sha256"]["x_train"]
     json.dumps(ds.meta)

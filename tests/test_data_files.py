@@ -290,6 +290,16 @@ def test_levels_explicit_and_errors(tmp_path):
         load_dataset(str(tmp_path / "neg.npy"))
 
 
+def test_big_endian_and_wide_integer_arrays(tmp_path):
+    x = RNG.integers(0, 1024, (30, 4)).astype(">u2")
+    np.save(tmp_path / "be.npy", x)
+    ds = load_dataset(str(tmp_path / "be.npy"), levels=1024)
+    got = torch.cat([ds.x_train, ds.x_test]).numpy()
+    assert sorted(map(tuple, got)) == sorted(map(tuple, x.astype(np.int64)))
+    np.save(tmp_path / "bef.npy", RNG.normal(size=(10, 2)).astype(">f8"))
+    assert load_dataset(str(tmp_path / "bef.npy")).x_train.dtype == torch.float32
+
+
 def test_npz_fixed_split_with_labels(tmp_path):
     xtr = RNG.integers(0, 256, (8, 1, 3, 3)).astype(np.uint8)
     xte = RNG.integers(0, 256, (3, 1, 3, 3)).astype(np.uint8)

@@ -259,7 +259,7 @@ def array_sha256(a: np.ndarray | Tensor) -> str:
     """SHA-256 of an array's C-contiguous bytes (dtype and shape are recorded separately in ``meta``)."""
     if isinstance(a, Tensor):
         a = a.detach().cpu().numpy()
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
 
 
 def split_indices(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -280,9 +280,22 @@ def _subset(n_total: int, n: int, seed: int) -> Tensor:
     return perm[:n].sort().values
 
 
+def _from_numpy(a) -> Tensor:
+    """A tensor from a numpy array of any byte order or width (integers -> int64, floats -> float32/64)."""
+    if not isinstance(a, np.ndarray):
+        return torch.as_tensor(a)
+    if a.dtype.kind in "biu":
+        a = a.astype(np.int64)
+    elif a.dtype.kind == "f":
+        a = a.astype(np.float64 if a.dtype.itemsize > 4 else np.float32)
+    else:
+        raise DataError(f"unsupported array dtype {a.dtype}; expected bool, integer or float")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
 def _as_tensor(a, key: str, source: str, levels: int | None) -> Tensor:
     """Checked conversion of one data array to float32 (continuous) or int64 levels (discrete)."""
-    t = torch.as_tensor(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else torch.as_tensor(a)
+    t = _from_numpy(a)
     if t.dim() == 1:
         t = t[:, None]
     if t.dim() < 2 or t.shape[0] == 0:
@@ -303,11 +316,10 @@ def _as_tensor(a, key: str, source: str, levels: int | None) -> Tensor:
             raise DataError(f"{source}: {key} contains NaN or Inf in rows {rows}")
         if not (t == t.round()).all():
             raise DataError(f"{source}: {key} has non-integer values but levels={levels} was given")
-    if t.dtype == torch.bool:
-        t = t.to(torch.int64)
     t = t.to(torch.int64)
-    bad = ((t < 0) | (t > levels - 1)).reshape(t.shape[0], -1).any(dim=1)
-    if bad.any():
+    lo, hi = torch.aminmax(t)
+    if int(lo) < 0 or int(hi) > levels - 1:
+        bad = ((t < 0) | (t > levels - 1)).reshape(t.shape[0], -1).any(dim=1)
         rows = bad.nonzero().flatten()[:10].tolist()
         raise DataError(
             f"{source}: {key} has values outside 0..{levels - 1} (min {int(t.min())}, max {int(t.max())}) "
@@ -317,7 +329,7 @@ def _as_tensor(a, key: str, source: str, levels: int | None) -> Tensor:
 
 
 def _as_labels(y, key: str, source: str, n: int) -> Tensor:
-    t = torch.as_tensor(np.ascontiguousarray(y)) if isinstance(y, np.ndarray) else torch.as_tensor(y)
+    t = _from_numpy(y)
     if t.is_floating_point() or t.dim() != 1 or t.shape[0] != n:
         raise DataError(f"{source}: {key} must be integer labels of shape ({n},), got {t.dtype} {tuple(t.shape)}")
     t = t.to(torch.int64)

@@ -133,9 +133,36 @@ def load_dataset(
         root: data directory for ``mnist``/``cifar10`` (default ``$SCOREDENSITY_DATA`` or ``./data``).
         levels: number of levels for integer arrays (paths only).
 
+    Returns:
+        The :class:`Dataset`; ``meta["load_args"]`` holds these arguments, so that
+        ``load_dataset(**ds.meta["load_args"])`` rebuilds it (compare ``meta["sha256"]`` to verify).
+
     Raises:
         DataError (a ValueError): unknown name, missing or wrong files, truncated files, NaN/Inf rows, bad sizes.
     """
+    ds = _load(name, seed=seed, test_fraction=test_fraction, n=n, logit=logit, root=root, levels=levels)
+    ds.meta["load_args"] = {
+        "name": str(name),
+        "seed": int(seed),
+        "test_fraction": float(test_fraction),
+        "n": None if n is None else int(n),
+        "logit": bool(logit),
+        "root": None if root is None else str(root),
+        "levels": None if levels is None else int(levels),
+    }
+    return ds
+
+
+def _load(
+    name: str,
+    *,
+    seed: int,
+    test_fraction: float,
+    n: int | None,
+    logit: bool,
+    root: str | os.PathLike | None,
+    levels: int | None,
+) -> Dataset:
     common = {"seed": seed, "test_fraction": test_fraction, "n": n, "logit": logit}
     if not isinstance(name, str | os.PathLike):
         raise TypeError(f"name must be a string or path, got {type(name).__name__}")
@@ -185,9 +212,9 @@ def load_dataset(
         return _load_arrays(path, levels, **common)
     if path.is_dir():
         if _is_mnist_dir(path):
-            return load_dataset("mnist", root=path, levels=levels, **common)
+            return _load("mnist", root=path, levels=levels, **common)
         if _is_cifar_dir(path):
-            return load_dataset("cifar10", root=path, levels=levels, **common)
+            return _load("cifar10", root=path, levels=levels, **common)
         arrays, info = read_image_folder(path)
         meta = {"source": str(path), **info}
         return make_dataset(
