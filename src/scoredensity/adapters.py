@@ -523,6 +523,12 @@ class DiffusersEps(nn.Module):
         self.zero_terminal_snr = bool(self.schedule.times[-1] >= 1.0)
         if self.zero_terminal_snr and self.kind == "x0":
             raise ValueError("prediction_type 'sample' is undefined at zero terminal SNR (t_T = 1): x0 carries no eps")
+        mcfg = getattr(model, "config", None)
+        if timesteps == "interpolated" and isinstance(mcfg, Mapping) and mcfg.get("time_embedding_type") == "learned":
+            raise ValueError(
+                "this network has a learned (table) time embedding: it takes integer timesteps only; "
+                "use timesteps='nearest'"
+            )
         self.model = model  # an nn.Module is registered as a submodule
 
     # -------------------------------------------------------------------- grid
