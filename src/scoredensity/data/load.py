@@ -123,7 +123,8 @@ def load_dataset(
         * a path: ``.npy``/``.npz`` (floating -> continuous; integer -> discrete with ``levels`` from the
           argument, a ``levels`` entry of the ``.npz``, or ``max + 1`` rounded up to 2, 17 or 256); a folder
           with the MNIST or CIFAR-10 files; otherwise a folder of PNG/JPEG images (256 levels; class
-          subfolders give labels). A relative path is also looked up under ``root``.
+          subfolders give labels). A relative path is also looked up under ``root``. Built-in names win over
+          a file or folder of the same name (write ``./digits`` for the folder).
 
     Args:
         seed: split (and sampling) seed; the same seed gives the same arrays bit for bit.
