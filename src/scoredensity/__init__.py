@@ -6,6 +6,17 @@ weighting, samplers, adapters and applications. One time convention: canonical t
 ``x_t = sqrt(1 - t) x + sqrt(t) z`` (see DESIGN.md).
 """
 
+from .data import (
+    LOGIT_ALPHA,
+    DataError,
+    Dataset,
+    batch_indices,
+    dataset_names,
+    iterate_batches,
+    load_dataset,
+    make_dataset,
+    split_indices,
+)
 from .epsfn import EpsFn, call_eps, check_data
 from .formula import end_terms, integrate_expected_error, log_density
 from .logdensity import LogDensity, bits_per_dim
@@ -29,6 +40,15 @@ from .schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LOGIT_ALPHA",
+    "DataError",
+    "Dataset",
+    "batch_indices",
+    "dataset_names",
+    "iterate_batches",
+    "load_dataset",
+    "make_dataset",
+    "split_indices",
     "log_density",
     "end_terms",
     "integrate_expected_error",
