@@ -129,7 +129,8 @@ def load_diffusers(
     cls = getattr(diffusers, str(cls_name), None)
     if cls is None or not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ValueError(f"{model_dir}/config.json names model class {cls_name!r}, which is not a diffusers model")
-    model = cls.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype).to(device).eval()
+    model = cls.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False)
+    model = model.to(device).eval()
     config = _read_json(sched)
     info = {
         "path": str(path),
@@ -217,7 +218,9 @@ def _bake_unet_denoiser(model: nn.Module, config: dict[str, Any]) -> nn.Module:
     times = DDPMSchedule(betas=betas_from_scheduler_config(config)).times  # [T] float64
     ucfg.update(time_embedding_type="learned", num_train_timesteps=len(times), num_class_embeds=None)
     ucfg.pop("class_embed_type", None)
-    out = diffusers.UNet2DModel(**ucfg).to(dtype=unet.dtype, device=unet.device)
+    out = diffusers.UNet2DModel(**ucfg).to(device=unet.device)
+    if out.dtype != unet.dtype:
+        out = out.to(dtype=unet.dtype)
     state = {k: v for k, v in unet.state_dict().items() if not k.startswith(("time_proj.", "class_embedding."))}
     missing, unexpected = out.load_state_dict(state, strict=False)
     if unexpected or set(missing) != {"time_proj.weight"}:
