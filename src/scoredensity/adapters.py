@@ -5,15 +5,15 @@ is seen as ``eps(x_t, t) = E[z | x_t]``. This module is the one place where othe
 
 * **Prediction kinds** in canonical time (:func:`eps_from`, :func:`pred_from_eps`, :func:`convert`):
 
-  ==========  ===============================  ======================================
-  kind        prediction                       eps from the prediction
-  ==========  ===============================  ======================================
-  ``eps``     ``E[z | x_t]``                   ``eps``
-  ``x0``      ``E[x | x_t]`` (denoiser)        ``(x_t - a x0) / s``
-  ``v``       ``a eps - s x0`` (Salimans-Ho)   ``s x_t + a v``
-  ``score``   ``grad log p_t(x_t)``            ``-s score``
-  ``velocity`` ``E[z - x | x_t]`` (flow match) ``(x_t + a velocity) / (a + s)``
-  ==========  ===============================  ======================================
+  ============  ================================  ====================================
+  kind          prediction                        eps from the prediction
+  ============  ================================  ====================================
+  ``eps``       ``E[z | x_t]``                    ``eps``
+  ``x0``        ``E[x | x_t]`` (denoiser)         ``(x_t - a x0) / s``
+  ``v``         ``a eps - s x0`` (Salimans-Ho)    ``s x_t + a v``
+  ``score``     ``grad log p_t(x_t)``             ``-s score``
+  ``velocity``  ``E[z - x | x_t]`` (flow match)   ``(x_t + a velocity) / (a + s)``
+  ============  ================================  ====================================
 
 * **Continuous clocks** (:class:`ClockEps` and its constructors): a model ``fn(x_s, s)`` that lives on another
   clock ``s`` and on a rescaled input ``x_s = c(t) x_t``:
@@ -474,7 +474,13 @@ class DiffusersEps(nn.Module):
       the grid points. With a zero-terminal-SNR schedule (``t_T = 1``, log-SNR ``-inf``) the last interval
       interpolates linearly in ``sqrt(1 - t)`` instead (Lin et al.'s rescaling is affine in ``sqrt(abar)``).
     * ``"nearest"``: the grid timestep nearest in log-SNR, fed as an integer; the output is read at that grid
-      time ``t_j`` (the time the network was told), not at ``t``.
+      time ``t_j`` (the time the network was told), not at ``t``. Networks with a learned (table) time embedding
+      take integer timesteps only and need this mode.
+
+    Measured with an exact Gaussian mixture as the network (d = 32, t log-SNR-uniform on the trained range): on
+    diffusers' default 1000-step linear grid "nearest" errs by 1.6e-3 RMS per element of eps (interpolated:
+    2e-15) and shifts the formula's log-density by -2.4e-4 nats/dim; on a 100-step grid by 1.4e-2 and
+    -6.6e-3 nats/dim.
 
     Prediction types ``epsilon``, ``v_prediction`` (``v = sqrt(abar) eps - sqrt(1-abar) x0``) and ``sample``
     (``x0``). Variance types ``learned`` / ``learned_range``: the model outputs ``2C`` channels; the first ``C``
