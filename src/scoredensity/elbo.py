@@ -1,0 +1,228 @@
+"""The continuous-time ELBO in divergence form (seed 001: Huang, Lim & Courville 2021, Theorem 3).
+
+For the plug-in reverse SDE of ``eps`` (the ``eta = 1`` member of the reverse-time family,
+:func:`scoredensity.mathutil.reverse_drift`), the bound of seed 001 reads, per unit of log-SNR,
+
+    log p(x) >= E log N(x_1; 0, I) + ∫ E_{y ~ q(x_t | x)} [ -div b_1(y, lam) - ||eps(y, t)||^2 / 2 ] dlam,
+
+with ``b_1 = t y / 2 - sqrt(t) eps`` the reverse drift per unit of log-SNR (``a = g s`` of seed 001 becomes
+``-eps / sqrt(t)`` times ``g``, and ``dt = t (1-t) dlam`` turns its ``||a||^2 / 2`` into ``||eps||^2 / 2``).
+By Stein's identity ``E[z . eps] = sqrt(t) E[div eps]`` the integrand has the same expectation as the density
+formula's ``1/2 [d sigmoid(lam) - E ||z - eps||^2]``: the two are the same bound, estimated differently
+(this one needs the divergence of ``eps``, i.e. autograd through ``eps_fn``).
+
+Truncation to ``[lam_min, lam_max]`` and the end terms are those of the density formula
+(:func:`scoredensity.formula.end_terms`: VDM's prior KL at the noisy end, Gaussian decoder at the clean end),
+so both estimators target the same number for any ``eps``.
+
+Variance. Where ``p_t`` is nearly ``N(0, I)`` (``lam << 0``) the integrand does *not* vanish as the formula's
+does: ``||eps||^2 / 2 ≈ t ||y||^2 / 2`` fluctuates by ``O(sqrt(d))`` for every ``lam < 0`` (under uniform
+``t`` its variance grows like ``1/(1-t)^2``). Two unbiased remedies, both on by default:
+
+* a Gaussian control variate: the same integrand, same ``y`` and probe, on a Gaussian with closed-form
+  ``eps`` (fitted to the batch, or ``N(0, I)``), minus its exact expectation; it cancels that noise;
+* importance sampling of ``lam`` from a piecewise-constant proposal fitted to the integrand's RMS in a pilot
+  (:class:`scoredensity.proposals.LambdaProposal`), with stratified draws (two per stratum).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .epsfn import EpsFn, call_eps, check_data
+from .formula import _example_generator, _resolve_control_variate, end_terms, integrate_expected_error
+from .logdensity import LogDensity
+from .mathutil import PROBES, divergence, make_probes, reverse_drift_divergence
+from .mixtures import GaussianMixture
+from .proposals import LambdaProposal
+
+__all__ = ["elbo"]
+
+
+def _integrand(
+    eps_fn: EpsFn,
+    x0: Tensor,
+    lam: Tensor,
+    z: Tensor,
+    probes: Tensor | None,
+    gauss: GaussianMixture | None,
+) -> Tensor:
+    """One-draw integrand ``-div b_1 - ||eps||^2 / 2`` (minus the control variate's), per row [N] float64.
+
+    Args:
+        x0: [N, *shape] data rows. lam: [N] float64. z: [N, *shape] noise.
+        probes: [n, N, *shape] Hutchinson probes, or ``None`` for the exact divergence.
+    """
+    t = torch.sigmoid(-lam)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    a = torch.sigmoid(lam).sqrt().reshape(shape)
+    s = t.sqrt().reshape(shape)
+    with torch.enable_grad():
+        y = (a * x0.to(torch.float64) + s * z.to(torch.float64)).to(x0.dtype).detach().requires_grad_(True)
+        eps = call_eps(eps_fn, y, t)
+        sq = eps.flatten(1).to(torch.float64).pow(2).sum(1)
+        if gauss is not None:
+            eps_g = gauss.eps(y.flatten(1), t).reshape(y.shape).to(eps.dtype)
+            sq = sq - eps_g.flatten(1).to(torch.float64).pow(2).sum(1)
+            eps = eps - eps_g  # the divergence is linear: one vjp serves both
+        div = divergence(eps, y, probes).mean(0)  # [N]
+    d = 0 if gauss is not None else y[0].numel()  # the d t / 2 parts of the two drifts cancel
+    return (-reverse_drift_divergence(div, lam, d, eta=1.0) - 0.5 * sq).detach()
+
+
+def elbo(
+    eps_fn: EpsFn,
+    x: Tensor,
+    *,
+    n_t: int = 256,
+    probe: str = "rademacher",
+    n_probes: int = 1,
+    lam_min: float = -20.0,
+    lam_max: float = 20.0,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    importance: str | LambdaProposal = "adaptive",
+    control_variate: str | GaussianMixture | Tensor | None = "auto",
+    pilot_nodes: int = 16,
+    pilot_examples: int = 64,
+) -> LogDensity:
+    """Continuous-time ELBO of the plug-in reverse SDE in divergence form (seed 001), per example in nats.
+
+    The same bound as :func:`scoredensity.formula.log_density` (equal to ``log p_0`` for the exact ``eps``, a
+    lower bound on the reverse-SDE model's log-likelihood otherwise), written with the divergence of the
+    reverse drift instead of the denoising error. See the module docstring.
+
+    Args:
+        eps_fn: noise predictor ``eps_fn(x_t [N, *shape], t [N] float64)``, differentiable in ``x_t``.
+        x: [B, *shape] data.
+        n_t: log-SNR draws per example (even: stratified, two independent draws per stratum of the proposal,
+            so the standard error is honest).
+        probe: ``"rademacher"``, ``"gaussian"`` (Hutchinson) or ``"exact"`` (``d`` vjps per draw: small d).
+        n_probes: Hutchinson probes per draw (ignored for ``exact``).
+        lam_min, lam_max: log-SNR range, closed by the formula's exact end terms.
+        seed: randomness keyed by (seed, example index): results do not depend on ``chunk_size``.
+        chunk_size: rows per ``eps_fn`` call (default ~2^20 / d).
+        importance: ``"adaptive"`` (pilot of ``pilot_nodes`` uniform draws on up to ``pilot_examples``
+            examples, proposal ∝ RMS of the integrand; pilot values are not reused), ``"uniform"`` or a
+            :class:`LambdaProposal`.
+        control_variate: ``"auto"`` (Gaussian fitted to the batch when B > d, else ``N(0, I)``), ``"batch"``,
+            ``"prior"`` (``N(0, I)``), a single-Gaussian :class:`GaussianMixture`, reference data, or ``None``.
+
+    Returns:
+        :class:`LogDensity` (terms ``noisy_end``, ``integral``, ``clean_end``). ``nfe`` counts forward calls of
+        ``eps_fn`` per example; ``info["vjp"]`` counts the vector-Jacobian products (backward passes, each
+        about one to two forward calls in cost) and ``info["cost"] = nfe + vjp``.
+    """
+    x = check_data(x)
+    if probe not in (*PROBES, "exact"):
+        raise ValueError(f"probe must be one of {(*PROBES, 'exact')}, got {probe!r}")
+    if n_t < 2 or n_t % 2:
+        raise ValueError(f"n_t must be even and >= 2 (two draws per stratum), got {n_t}")
+    if n_probes < 1:
+        raise ValueError(f"n_probes must be >= 1, got {n_probes}")
+    if not (math.isfinite(lam_min) and math.isfinite(lam_max)) or not lam_max > lam_min:
+        raise ValueError(f"need finite lam_min < lam_max, got [{lam_min}, {lam_max}]")
+    b, shape, d = x.shape[0], x.shape[1:], x[0].numel()
+    if chunk_size is None:
+        chunk_size = max(1, (1 << 20) // d)
+    if control_variate == "prior":
+        gauss = GaussianMixture.gaussian(torch.zeros(d), torch.eye(d))
+    else:
+        gauss = _resolve_control_variate(control_variate, x)
+        if gauss is None and control_variate == "auto":
+            gauss = GaussianMixture.gaussian(torch.zeros(d), torch.eye(d))
+    n_p = 0 if probe == "exact" else n_probes
+    vjp_per_row = d if probe == "exact" else n_probes
+
+    def draw(n: int, g: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """``n`` noise draws [n, *shape] and their probes [n_p, n, *shape] (None for the exact trace)."""
+        z = torch.randn((n, *shape), generator=g, dtype=torch.float64).to(x.dtype)
+        return z, (None if probe == "exact" else make_probes(z, n_p, probe, g))
+
+    def evaluate(ex: Tensor, lam: Tensor, z: Tensor, probes: Tensor | None) -> Tensor:
+        out = torch.empty(len(ex), dtype=torch.float64)
+        for s in range(0, len(ex), chunk_size):
+            sl = slice(s, min(s + chunk_size, len(ex)))
+            pr = None if probes is None else probes[:, sl]
+            out[sl] = _integrand(eps_fn, x[ex[sl]], lam[sl], z[sl], pr, gauss)
+        return out
+
+    # ---- proposal over log-SNR
+    pilot_rows = 0
+    if isinstance(importance, LambdaProposal):
+        proposal = importance
+        if (proposal.lam_min, proposal.lam_max) != (lam_min, lam_max):
+            raise ValueError("the proposal's range differs from [lam_min, lam_max]")
+    elif importance == "uniform":
+        proposal = LambdaProposal.uniform(lam_min, lam_max)
+    elif importance == "adaptive":
+        g = _example_generator(seed, -1, 11)
+        pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique()
+        m = len(pick)
+        u = torch.arange(pilot_nodes, dtype=torch.float64)[None] + torch.rand(
+            m, pilot_nodes, generator=g, dtype=torch.float64
+        )
+        lam_p = lam_min + (lam_max - lam_min) * (u / pilot_nodes).flatten()
+        z_p, pr_p = draw(m * pilot_nodes, g)
+        f_p = evaluate(pick.repeat_interleave(pilot_nodes), lam_p, z_p, pr_p)
+        proposal = LambdaProposal.fit(lam_p, f_p, lam_min, lam_max)
+        pilot_rows = m * pilot_nodes
+    else:
+        raise ValueError(f"importance must be 'adaptive', 'uniform' or a LambdaProposal, got {importance!r}")
+
+    # ---- stratified draws: n_t/2 equal-mass strata of the proposal, two draws each
+    strata = n_t // 2
+    integral = torch.empty(b, dtype=torch.float64)
+    var = torch.empty(b, dtype=torch.float64)
+    per_block = max(1, chunk_size // n_t)
+    for s0 in range(0, b, per_block):
+        idx = torch.arange(s0, min(s0 + per_block, b))
+        us, zs, prs = [], [], []
+        for i in idx.tolist():
+            g = _example_generator(seed, i, 1)
+            offsets = torch.rand(n_t, generator=g, dtype=torch.float64)
+            us.append((torch.arange(strata, dtype=torch.float64).repeat_interleave(2) + offsets) / strata)
+            z_i, pr_i = draw(n_t, g)
+            zs.append(z_i)
+            prs.append(pr_i)
+        lam = proposal.icdf(torch.stack(us))  # [b', n_t]
+        z = torch.cat(zs)  # [b' n_t, *shape]
+        probes = None if probe == "exact" else torch.cat(prs, dim=1)  # [n_p, b' n_t, *shape]
+        f = evaluate(idx.repeat_interleave(n_t), lam.flatten(), z, probes).reshape(len(idx), n_t)
+        vals = (f / proposal.pdf(lam)).reshape(len(idx), strata, 2)
+        integral[idx] = vals.mean((1, 2))
+        var[idx] = ((vals[:, :, 0] - vals[:, :, 1]) ** 2 / 4).sum(1) / strata**2
+
+    if gauss is not None:
+        integral = (
+            integral
+            + integrate_expected_error(
+                gauss.expected_denoising_error, x.flatten(1), lam_min=lam_min, lam_max=lam_max
+            ).terms["integral"]
+        )
+    noisy, clean = end_terms(x, lam_min, lam_max)
+    nfe = n_t + pilot_rows / b
+    vjp = nfe * vjp_per_row
+    return LogDensity(
+        logp=noisy + integral + clean,
+        stderr=var.clamp_min(0).sqrt(),
+        nfe=nfe,
+        dim=d,
+        terms={"noisy_end": noisy, "integral": integral, "clean_end": clean},
+        method=f"elbo-div-{probe}",
+        info={
+            "lam_min": lam_min,
+            "lam_max": lam_max,
+            "n_t": n_t,
+            "probe": probe,
+            "n_probes": n_p,
+            "importance": importance if isinstance(importance, str) else "proposal",
+            "control_variate": gauss is not None,
+            "seed": seed,
+            "vjp": vjp,
+            "cost": nfe + vjp,
+        },
+    )

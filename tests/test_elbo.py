@@ -1,0 +1,114 @@
+"""Divergence-form continuous ELBO: exact for the exact eps, the same number as the density formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scoredensity.elbo import elbo
+from scoredensity.formula import log_density
+from scoredensity.mixtures import GaussianMixture, mixture_preset
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _points(gm: GaussianMixture, n: int, seed: int = 1) -> torch.Tensor:
+    return gm.sample(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _within(est, exact, k: float = 4.0) -> None:
+    """Per example within k standard errors, and the batch mean within k standard errors of the mean."""
+    err = est.logp - exact
+    assert (err.abs() <= k * est.stderr + 1e-6).all(), (err, est.stderr)
+    assert abs(float(err.mean())) <= k * est.mean_stderr() + 1e-6
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian", "exact"])
+def test_exact_for_exact_eps_d2(probe):
+    gm = mixture_preset("ring8")
+    x = _points(gm, 16)
+    est = elbo(gm.eps, x, n_t=128, probe=probe, seed=0)
+    _within(est, gm.log_prob(x))
+    assert est.method == f"elbo-div-{probe}"
+    assert torch.allclose(est.terms["noisy_end"] + est.terms["integral"] + est.terms["clean_end"], est.logp)
+
+
+def test_exact_for_exact_eps_d20():
+    gm = mixture_preset("anisotropic", d=20)
+    x = _points(gm, 8)
+    est = elbo(gm.eps, x, n_t=256, probe="rademacher", seed=0)
+    _within(est, gm.log_prob(x))
+
+
+@pytest.mark.parametrize("name,kw", [("ring8", {}), ("anisotropic", {"d": 20})])
+def test_agrees_with_the_density_formula_within_joint_stderr(name, kw):
+    gm = mixture_preset(name, **kw)
+    x = _points(gm, 12, seed=5)
+    a = elbo(gm.eps, x, n_t=256, seed=1)
+    b = log_density(gm.eps, x, n_t=256, seed=2)
+    joint = (a.stderr**2 + b.stderr**2).sqrt()
+    assert ((a.logp - b.logp).abs() <= 4 * joint).all(), (a.logp - b.logp, joint)
+
+
+def test_without_variance_reduction_still_unbiased_but_noisier():
+    gm = mixture_preset("ring8")
+    x = _points(gm, 16)
+    plain = elbo(gm.eps, x, n_t=128, importance="uniform", control_variate=None, seed=3)
+    _within(plain, gm.log_prob(x))
+    reduced = elbo(gm.eps, x, n_t=128, seed=3)
+    # the control variate and the importance proposal exist to cut the noise of the noisy end
+    assert reduced.stderr.mean() < 0.5 * plain.stderr.mean()
+
+
+def test_measures_the_model_not_the_data():
+    data = mixture_preset("ring8")
+    model = mixture_preset("blobs2d")
+    x = _points(data, 12)
+    est = elbo(model.eps, x, n_t=128, seed=0)
+    _within(est, model.log_prob(x))
+    assert (model.log_prob(x) - data.log_prob(x)).abs().min() > 1.0  # the two densities really differ there
+
+
+def test_independent_of_chunking_and_seeded():
+    gm = mixture_preset("ring8")
+    x = _points(gm, 5)
+    a = elbo(gm.eps, x, n_t=32, seed=4)
+    b = elbo(gm.eps, x, n_t=32, seed=4, chunk_size=7)
+    assert torch.allclose(a.logp, b.logp, atol=1e-10)
+    c = elbo(gm.eps, x, n_t=32, seed=5)
+    assert not torch.allclose(a.logp, c.logp)
+    assert a.nfe == 32 + 16 * 5 / 5  # n_t draws plus the shared pilot (16 nodes on each of the 5 examples)
+    assert a.info["vjp"] == a.nfe  # one Rademacher probe: one vjp per call
+
+
+def test_float32_inputs_work():
+    gm = mixture_preset("ring8")
+    x = _points(gm, 6).float()
+    est = elbo(gm.eps, x, n_t=64, seed=0)
+    assert est.logp.dtype == torch.float64
+    _within(est, gm.log_prob(x.double()), k=5.0)
+
+
+def test_bad_input():
+    gm = mixture_preset("ring8")
+    x = _points(gm, 4)
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        elbo(gm.eps, bad)
+    with pytest.raises(ValueError, match="n_t"):
+        elbo(gm.eps, x, n_t=33)
+    with pytest.raises(ValueError, match="probe"):
+        elbo(gm.eps, x, probe="sobol")
+    with pytest.raises(ValueError, match="lam_min"):
+        elbo(gm.eps, x, lam_min=5.0, lam_max=-5.0)
+    with pytest.raises(ValueError, match="importance"):
+        elbo(gm.eps, x, importance="magic")
+    with pytest.raises(ValueError, match="shape"):
+        elbo(lambda x_t, t: x_t[:, :1], x)
