@@ -39,6 +39,14 @@ def test_schedule_matches_diffusers(config):
         assert float((ours - theirs).abs().max()) < 2e-6 + 1e-6 * len(ours) ** 0.5
 
 
+def test_scheduler_object_is_read_like_its_config():
+    sched = DDIMScheduler(num_train_timesteps=50, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    model = DiffusersEps(lambda x, j: x, sched)
+    assert model.prediction_type == "v_prediction" and model.scheduler_config["_class_name"] == "DDIMScheduler"
+    want = DiffusersEps(lambda x, j: x, dict(sched.config)).times
+    assert torch.equal(model.times, want)
+
+
 def _tiny_unet(seed: int = 0, channels: int = 1, out_mult: int = 1) -> UNet2DModel:
     torch.manual_seed(seed)
     unet = UNet2DModel(
@@ -188,3 +196,29 @@ def test_eps_from_matches_diffusers_step_x0():
     eps = eps_from("v", v.double(), x.double(), t)
     x0_ours = (x.double() - t.sqrt()[:, None, None, None] * eps) / (1 - t).sqrt()[:, None, None, None]
     assert float((x0_ours - x0_theirs).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize(("num_classes", "param"), [(0, "v"), (3, "eps")])
+def test_export_canonical_unet_denoiser(tmp_path, num_classes, param):
+    """A canonical-time nets.UNetDenoiser exports exactly at the grid timesteps (class-conditional: null label)."""
+    from scoredensity.nets import UNetDenoiser
+
+    torch.manual_seed(7)
+    model = UNetDenoiser([1, 8, 8], channels=(8, 16), num_classes=num_classes, param=param).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = save_diffusers(model, tmp_path / "export", scheduler=SCHED)
+    pipe = DDPMPipeline.from_pretrained(out, local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == ("v_prediction" if param == "v" else "epsilon")
+    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert images.images.shape == (2, 8, 8, 1)
+    back = load_diffusers_eps(out)
+    assert back.timesteps == "nearest"  # a table time embedding takes integer timesteps only
+    x = torch.randn(5, 1, 8, 8)
+    t = back.times[torch.tensor([0, 1, 50, 98, 99])]
+    with torch.no_grad():
+        want = model(x, t)
+        assert float((back(x, t) - want).abs().max()) < 1e-5 * (1 + float(want.abs().max()))
+    with pytest.raises(ValueError, match="data_std"):
+        save_diffusers(UNetDenoiser([1, 8, 8], channels=(8, 16), data_std=0.5), tmp_path / "no")
