@@ -119,3 +119,16 @@ def test_sde_coefficients_and_noising():
     assert torch.allclose(add_noise(x, z, t), (1 - t).sqrt()[:, None] * x + t.sqrt()[:, None] * z)
     # the forward SDE keeps unit variance: d/dt Var = 2 f'(x) Var + g^2 = -Var/(1-t) + 1/(1-t) = 0 at Var = 1
     assert torch.allclose(-1 / (1 - t) + diffusion_squared(t), torch.zeros(4, dtype=torch.float64))
+
+
+def test_zero_terminal_snr_grid_interpolates_without_nan():
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 50, dtype=torch.float64), 0)
+    abar[-1] = 0.0  # t_T = 1
+    sched = DDPMSchedule(alphas_cumprod=abar)
+    assert float(sched.times[-1]) == 1.0
+    k = torch.tensor([0.0, 47.5, 48.0, 48.25, 49.0], dtype=torch.float64)
+    t = sched.t_of_step(k)
+    assert torch.isfinite(t).all()
+    assert float(t[-1]) == 1.0 and sched.times[48] < t[3] < 1.0
+    back = sched.step_of_t(t[:4])
+    assert torch.allclose(back, k[:4], atol=1e-9)

@@ -218,7 +218,11 @@ class DDPMSchedule:
         k0 = k.floor().clamp(0, self.num_steps - 1).long()
         k1 = (k0 + 1).clamp(max=self.num_steps - 1)
         w = (k - k0.to(k.dtype)).clamp(0, 1)
-        return t_from_logsnr(lam[k0] * (1 - w) + lam[k1] * w)
+        l0, l1 = lam[k0], lam[k1]
+        by_lam = t_from_logsnr(torch.where(w > 0, l0 * (1 - w) + l1 * w, l0))
+        # a zero-terminal-SNR grid ends at t = 1 (lam = -inf): interpolate t linearly on that interval
+        by_t = self.times[k0] * (1 - w) + self.times[k1] * w
+        return torch.where(torch.isfinite(l0) & torch.isfinite(l1), by_lam, by_t)
 
     def step_of_t(self, t: Tensor) -> Tensor:
         """Fractional 0-based timestep index whose canonical time is ``t`` (inverse of
@@ -229,6 +233,10 @@ class DDPMSchedule:
         idx = torch.searchsorted(lam_grid, target.contiguous()).clamp(1, self.num_steps - 1)
         lo, hi = lam_grid[idx - 1], lam_grid[idx]
         w = ((target - lo) / (hi - lo)).clamp(0, 1)
+        # zero terminal SNR: the last grid point is t = 1 (infinite -lam); interpolate t linearly there
+        t_lo, t_hi = self.times[idx - 1], self.times[idx]
+        w_t = ((t - t_lo) / (t_hi - t_lo)).clamp(0, 1)
+        w = torch.where(torch.isfinite(lo) & torch.isfinite(hi), w, w_t)
         out = (idx - 1).to(torch.float64) + w
         out = torch.where(target <= lam_grid[0], torch.zeros_like(out), out)
         return torch.where(target >= lam_grid[-1], torch.full_like(out, self.num_steps - 1), out)
