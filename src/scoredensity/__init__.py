@@ -6,6 +6,20 @@ weighting, samplers, adapters and applications. One time convention: canonical t
 ``x_t = sqrt(1 - t) x + sqrt(t) z`` (see DESIGN.md).
 """
 
+from .adapters import (
+    PREDICTION_KINDS,
+    ClockEps,
+    DiffusersEps,
+    betas_from_scheduler_config,
+    convert,
+    eps_from,
+    from_canonical,
+    from_flow,
+    from_k_diffusion,
+    from_ve,
+    from_vp_sde,
+    pred_from_eps,
+)
 from .data import (
     LOGIT_ALPHA,
     DataError,
@@ -17,6 +31,7 @@ from .data import (
     make_dataset,
     split_indices,
 )
+from .diffusers_io import LoadedDiffusers, load_diffusers, load_diffusers_eps, save_diffusers
 from .epsfn import EpsFn, call_eps, check_data
 from .formula import end_terms, integrate_expected_error, log_density
 from .logdensity import LogDensity, bits_per_dim
@@ -40,6 +55,22 @@ from .schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "PREDICTION_KINDS",
+    "ClockEps",
+    "DiffusersEps",
+    "betas_from_scheduler_config",
+    "convert",
+    "eps_from",
+    "from_canonical",
+    "from_flow",
+    "from_k_diffusion",
+    "from_ve",
+    "from_vp_sde",
+    "pred_from_eps",
+    "LoadedDiffusers",
+    "load_diffusers",
+    "load_diffusers_eps",
+    "save_diffusers",
     "LOGIT_ALPHA",
     "DataError",
     "Dataset",
