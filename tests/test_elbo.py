@@ -112,3 +112,35 @@ def test_bad_input():
         elbo(gm.eps, x, importance="magic")
     with pytest.raises(ValueError, match="shape"):
         elbo(lambda x_t, t: x_t[:, :1], x)
+
+
+def test_compare_runs_every_estimator_and_writes_json_and_png(tmp_path, capsys):
+    import json
+
+    from scoredensity.cli import main
+    from scoredensity.commands.compare import compare_estimators, default_suite
+
+    families = {s.family for s in default_suite(2)}
+    assert {
+        "formula",
+        "elbo-div-rademacher",
+        "elbo-div-exact",
+        "ode-exact",
+        "ode-hutchinson",
+        "ddpm-fixed_large",
+    } <= families
+    rc = main(["compare", "--preset", "ring8", "--n", "6", "--level", "quick", "--out", str(tmp_path)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "|gap|/dim" in printed and "ode-exact" in printed
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert {r["family"] for r in result["rows"]} == families
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    ode = next(r for r in result["rows"] if r["family"] == "ode-exact")
+    assert ode["abs_err_per_dim"] < 0.05 and ode["vjp"] == 2 * ode["nfe"]
+    # without an exact value (a trained model): no gap columns, no plot needed
+    gm = mixture_preset("ring8")
+    res = compare_estimators(gm.eps, _points(gm, 3), None, suite=default_suite(2, "quick")[:1])
+    assert "abs_err" not in res["rows"][0]
+    with pytest.raises(ValueError, match="exact_logp"):
+        compare_estimators(gm.eps, _points(gm, 3), torch.zeros(2), suite=default_suite(2, "quick")[:1])

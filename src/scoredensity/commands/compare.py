@@ -1,0 +1,301 @@
+"""``scoredensity compare``: every likelihood estimator on the same test points, one table, JSON and a plot.
+
+The work is done by :func:`compare_estimators` ``(eps_fn, x, exact_logp or None)``, so any model (a mixture
+preset with its exact ``eps`` here; a trained run folder once its loader is wired) goes through the same code.
+Each estimator runs at a few budgets (number of log-SNR draws, solver tolerance, number of steps), so the plot
+shows error against cost per estimator.
+
+Cost: ``nfe`` counts forward calls of ``eps_fn`` per example; estimators that need the divergence of ``eps``
+(divergence-form ELBO, ODE) also make vector-Jacobian products (``vjp``, one backward pass each, typically 1-2x
+a forward call). The plot's x-axis is ``nfe + vjp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+NAME = "compare"
+HELP = "run every likelihood estimator on the same points: table, JSON and error-vs-cost plot"
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """One estimator at one budget: ``family`` groups the budgets of one estimator in the plot."""
+
+    family: str
+    setting: str
+    run: Callable  # (eps_fn, x) -> LogDensity
+
+
+def default_suite(dim: int, level: str = "default") -> list[EstimatorSpec]:
+    """The estimators compared, each at increasing budgets.
+
+    Args:
+        dim: data dimension (the exact-trace variants are left out above ``d = 64``).
+        level: ``"quick"`` (one small budget each, for smoke tests), ``"default"`` or ``"full"`` (one more budget).
+    """
+    from ..ddpm import ddpm_elbo
+    from ..elbo import elbo
+    from ..formula import log_density
+    from ..ode import ode_log_likelihood
+    from ..schedules import DDPMSchedule, VPLinearClock
+
+    if level not in ("quick", "default", "full"):
+        raise ValueError(f"level must be 'quick', 'default' or 'full', got {level!r}")
+    n_ts = {"quick": [32], "default": [32, 128, 512], "full": [32, 128, 512, 2048]}[level]
+    tols = {"quick": [1e-3], "default": [1e-3, 1e-5], "full": [1e-3, 1e-5, 1e-7]}[level]
+    steps = {"quick": [100], "default": [100, 1000], "full": [100, 1000, 4000]}[level]
+    specs: list[EstimatorSpec] = []
+    for n in n_ts:
+        specs.append(EstimatorSpec("formula", f"n_t={n}", lambda f, x, n=n: log_density(f, x, n_t=n)))
+    for n in n_ts:
+        specs.append(
+            EstimatorSpec(
+                "formula-plain",
+                f"n_t={n}",
+                lambda f, x, n=n: log_density(
+                    f, x, n_t=n, scheme="mc", importance="uniform", control_variate=None, norm_z=False
+                ),
+            )
+        )
+    for n in n_ts:
+        specs.append(EstimatorSpec("elbo-div-rademacher", f"n_t={n}", lambda f, x, n=n: elbo(f, x, n_t=n)))
+    if dim <= 64:
+        for n in n_ts:
+            specs.append(
+                EstimatorSpec("elbo-div-exact", f"n_t={n}", lambda f, x, n=n: elbo(f, x, n_t=n, probe="exact"))
+            )
+        for tol in tols:
+            specs.append(
+                EstimatorSpec(
+                    "ode-exact", f"tol={tol:g}", lambda f, x, tol=tol: ode_log_likelihood(f, x, rtol=tol, atol=tol)
+                )
+            )
+    for tol in tols:
+        specs.append(
+            EstimatorSpec(
+                "ode-hutchinson",
+                f"tol={tol:g},probes=4",
+                lambda f, x, tol=tol: ode_log_likelihood(f, x, rtol=tol, atol=tol, trace="hutchinson", n_probes=4),
+            )
+        )
+    for T in steps:
+        specs.append(
+            EstimatorSpec(
+                "ddpm-fixed_large",
+                f"T={T}",
+                lambda f, x, T=T: ddpm_elbo(f, x, schedule=DDPMSchedule.from_clock(VPLinearClock(), T)),
+            )
+        )
+    return specs
+
+
+def compare_estimators(
+    eps_fn,
+    x,
+    exact_logp=None,
+    *,
+    suite: list[EstimatorSpec] | None = None,
+    level: str = "default",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run every estimator of ``suite`` on the same points ``x`` and summarise.
+
+    Args:
+        eps_fn: the model (an :class:`~scoredensity.epsfn.EpsFn`).
+        x: [B, *shape] test points.
+        exact_logp: [B] exact log-density of the model at ``x`` if known (mixtures), else None.
+        suite: estimators to run (default :func:`default_suite` of the data dimension at ``level``).
+        progress: called with a line of text after each estimator.
+
+    Returns:
+        ``{"dim", "n", "rows": [...]}``; each row has ``family``, ``setting``, ``logp`` (mean per example),
+        ``logp_per_dim``, ``stderr`` (mean per-example standard error), ``nfe``, ``vjp``, ``cost`` (= nfe + vjp),
+        ``seconds_per_example``, and with ``exact_logp``: ``bias`` (mean gap), ``abs_err`` (mean |gap| per example)
+        and ``abs_err_per_dim``.
+    """
+    import torch
+
+    from ..epsfn import check_data
+
+    x = check_data(x)
+    b, d = x.shape[0], x[0].numel()
+    if exact_logp is not None:
+        exact_logp = torch.as_tensor(exact_logp, dtype=torch.float64)
+        if exact_logp.shape != (b,):
+            raise ValueError(f"exact_logp must have shape [{b}], got {tuple(exact_logp.shape)}")
+    rows = []
+    for spec in suite if suite is not None else default_suite(d, level):
+        t0 = time.perf_counter()
+        est = spec.run(eps_fn, x)
+        secs = time.perf_counter() - t0
+        vjp = float(est.info.get("vjp", 0.0))
+        row = {
+            "family": spec.family,
+            "setting": spec.setting,
+            "method": est.method,
+            "logp": est.mean(),
+            "logp_per_dim": est.mean() / d,
+            "stderr": float(est.stderr.mean()),
+            "nfe": float(est.nfe),
+            "vjp": vjp,
+            "cost": float(est.nfe) + vjp,
+            "seconds_per_example": secs / b,
+        }
+        if exact_logp is not None:
+            gap = est.logp - exact_logp
+            row.update(
+                bias=float(gap.mean()),
+                bias_stderr=est.mean_stderr(),
+                abs_err=float(gap.abs().mean()),
+                abs_err_per_dim=float(gap.abs().mean()) / d,
+            )
+        rows.append(row)
+        if progress is not None:
+            progress(format_row(row))
+    out = {"dim": d, "n": b, "rows": rows}
+    if exact_logp is not None:
+        out["exact_logp"] = float(exact_logp.mean())
+    return out
+
+
+_COLS = [
+    ("family", "estimator", "{:<20}"),
+    ("setting", "setting", "{:<18}"),
+    ("logp", "logp/ex", "{:>9.4f}"),
+    ("logp_per_dim", "/dim", "{:>8.4f}"),
+    ("stderr", "stderr", "{:>8.4f}"),
+    ("nfe", "nfe", "{:>7.0f}"),
+    ("vjp", "vjp", "{:>7.0f}"),
+    ("seconds_per_example", "s/ex", "{:>8.4f}"),
+    ("bias", "gap", "{:>8.4f}"),
+    ("abs_err", "|gap|/ex", "{:>8.4f}"),
+    ("abs_err_per_dim", "|gap|/dim", "{:>9.5f}"),
+]
+
+
+def _width(head: str, fmt: str) -> int:
+    return max(len(head), int(re.search(r"(\d+)", fmt).group(1)))
+
+
+def format_row(row: dict) -> str:
+    """One row of the table (columns without a value, e.g. the gap when no exact value is known, are blank)."""
+    parts = []
+    for key, head, fmt in _COLS:
+        width = _width(head, fmt)
+        v = row.get(key)
+        parts.append(" " * width if v is None else fmt.format(v))
+    return "  ".join(parts)
+
+
+def format_table(result: dict) -> str:
+    """The whole table as text, with a header."""
+    head = []
+    for _key, name, fmt in _COLS:
+        width = _width(name, fmt)
+        head.append(name.ljust(width) if "<" in fmt else name.rjust(width))
+    lines = ["  ".join(head)] + [format_row(r) for r in result["rows"]]
+    if "exact_logp" in result:
+        lines.append(f"exact mean log-density {result['exact_logp']:.4f} nats/example (d = {result['dim']})")
+    return "\n".join(lines)
+
+
+def cheapest_to_reach(result: dict, target_per_dim: float = 0.01) -> dict | None:
+    """The row with the lowest cost whose mean |gap| per dimension is at most ``target_per_dim`` (None if none)."""
+    ok = [r for r in result["rows"] if r.get("abs_err_per_dim") is not None and r["abs_err_per_dim"] <= target_per_dim]
+    return min(ok, key=lambda r: r["cost"]) if ok else None
+
+
+def plot_error_vs_cost(result: dict, path: str | Path, title: str = "") -> None:
+    """Mean |gap| per dimension against cost (nfe + vjp per example), one line per estimator (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fams: dict[str, list] = {}
+    for r in result["rows"]:
+        if r.get("abs_err_per_dim") is not None:
+            fams.setdefault(r["family"], []).append(r)
+    for fam, rs in fams.items():
+        rs = sorted(rs, key=lambda r: r["cost"])
+        ax.plot([r["cost"] for r in rs], [max(r["abs_err_per_dim"], 1e-8) for r in rs], marker="o", label=fam)
+    ax.axhline(0.01, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("cost per example (eps calls + vector-Jacobian products)")
+    ax.set_ylabel("mean |log p estimate - exact| per dimension (nats)")
+    ax.set_title(title or f"d = {result['dim']}, {result['n']} points")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: dict, out_dir: str | Path, stem: str = "compare", title: str = "") -> list[Path]:
+    """Write ``{stem}.json`` and, when exact values are known, ``{stem}.png`` into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json"]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    if "exact_logp" in result:
+        paths.append(out / f"{stem}.png")
+        plot_error_vs_cost(result, paths[1], title)
+    return paths
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the options of ``scoredensity compare``."""
+    p.add_argument("--preset", default="ring8", help="mixture preset whose exact eps is the model (default ring8)")
+    p.add_argument("--dim", type=int, default=None, help="dimension for the 'anisotropic' preset")
+    p.add_argument("--n", type=int, default=200, help="test points drawn from the preset (default 200)")
+    p.add_argument("--level", choices=["quick", "default", "full"], default="default", help="budgets per estimator")
+    p.add_argument("--seed", type=int, default=0, help="seed of the test points")
+    p.add_argument("--out", default=None, help="folder for compare.json and compare.png")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Draw test points from the preset, compare, print the table, write JSON and PNG."""
+    import torch
+
+    from ..mixtures import mixture_preset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    kw = {"d": args.dim} if args.dim is not None else {}
+    gm = mixture_preset(args.preset, **kw)
+    x = gm.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
+    result = compare_estimators(gm.eps, x, gm.log_prob(x), level=args.level, progress=lambda s: print(s, flush=True))
+    result.update(preset=args.preset, seed=args.seed)
+    print()
+    print(format_table(result))
+    best = cheapest_to_reach(result)
+    if best is not None:
+        print(f"cheapest to 0.01 nats/dim: {best['family']} ({best['setting']}), cost {best['cost']:.0f} per example")
+    else:
+        print("no estimator reached 0.01 nats/dim at these budgets")
+    if args.out:
+        for path in write_report(result, args.out, title=f"{args.preset}: d = {gm.dim}, {args.n} points"):
+            print(f"wrote {path}")
+    return 0
+
+
+__all__ = [
+    "EstimatorSpec",
+    "default_suite",
+    "compare_estimators",
+    "format_table",
+    "cheapest_to_reach",
+    "plot_error_vs_cost",
+    "write_report",
+]
