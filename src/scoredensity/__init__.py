@@ -33,7 +33,7 @@ from .data import (
 )
 from .diffusers_io import LoadedDiffusers, load_diffusers, load_diffusers_eps, save_diffusers
 from .epsfn import EpsFn, call_eps, check_data
-from .formula import end_terms, integrate_expected_error, log_density
+from .formula import end_terms, fit_proposal, integrate_expected_error, log_density
 from .logdensity import LogDensity, bits_per_dim
 from .mixtures import MIXTURE_PRESETS, GaussianMixture, mixture_preset
 from .proposals import LambdaProposal
@@ -81,6 +81,7 @@ __all__ = [
     "make_dataset",
     "split_indices",
     "log_density",
+    "fit_proposal",
     "end_terms",
     "integrate_expected_error",
     "LambdaProposal",

@@ -211,6 +211,131 @@ class _Evaluator:
         return out
 
 
+def _check_on_grid(x: Tensor, levels: int | None) -> None:
+    """Data for a discretised decoder must lie on the grid ``2k/(L-1) - 1`` in [-1, 1]."""
+    if levels is None or levels < 2:
+        raise ValueError("decoder='discretized' needs levels >= 2 (e.g. 256 for 8-bit data)")
+    xf = x.flatten(1).to(torch.float64)
+    if xf.min() < -1 - 1e-6 or xf.max() > 1 + 1e-6:
+        raise ValueError(
+            f"data out of range for a discretised decoder: values in [{float(xf.min()):.4g}, "
+            f"{float(xf.max()):.4g}], expected [-1, 1]"
+        )
+    k = (xf + 1) * (levels - 1) / 2
+    off = (k - k.round()).abs().amax(1)
+    if (off > 1e-3).any():
+        rows = (off > 1e-3).nonzero().flatten()[:10].tolist()
+        raise ValueError(
+            f"rows {rows} are not on the grid of {levels} levels 2k/(L-1) - 1 (dequantised data? "
+            "use decoder='gaussian' for those)"
+        )
+
+
+def _discretized_clean_end(
+    eps_fn: EpsFn,
+    x: Tensor,
+    lam_max: float,
+    levels: int,
+    draws: int,
+    seed: int,
+    work_dtype: torch.dtype,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Clean-end term with DDPM's discretised decoder, and its variance, per example.
+
+    ``E_z log P(k | x_{t_min}) - (d/2) softplus(lam_max)``: the second part removes the share of
+    ``(d/2) sigmoid(lam)`` that the integral term carries above ``lam_max``'s complement, so that the total is
+    ``log P_dec - KL - 1/2 ∫ E||z - eps||^2 dlam`` with no ``(d/2) log(2 pi e)`` counted.
+    """
+    from .ddpm import discretized_gaussian_log_likelihood  # local: ddpm builds on this module
+
+    b = x.shape[0]
+    d = x[0].numel()
+    lam = torch.tensor(lam_max, dtype=torch.float64)
+    t = torch.sigmoid(-lam)
+    a = torch.sigmoid(lam).sqrt()
+    log_sd = -0.5 * lam  # sd^2 = t / (1 - t) = e^{-lam}
+    zs = torch.stack(
+        [
+            torch.randn((draws, *x.shape[1:]), generator=_example_generator(seed, i, 2), dtype=torch.float64)
+            for i in range(b)
+        ]
+    )  # [B, draws, *shape]
+    x64 = x.to(torch.float64)
+    rows_x = x64.repeat_interleave(draws, 0)
+    rows_z = zs.reshape(b * draws, *x.shape[1:])
+    vals = torch.empty(b * draws, dtype=torch.float64)
+    for s in range(0, b * draws, chunk_size):
+        sl = slice(s, min(s + chunk_size, b * draws))
+        x_t = a * rows_x[sl] + t.sqrt() * rows_z[sl]
+        tt = t.expand(x_t.shape[0])
+        eps = call_eps(eps_fn, x_t.to(work_dtype), tt).to(torch.float64)
+        x0_hat = (x_t - t.sqrt() * eps) / a
+        vals[sl] = discretized_gaussian_log_likelihood(rows_x[sl], x0_hat, log_sd, levels)
+    vals = vals.reshape(b, draws)
+    term = vals.mean(1) - 0.5 * d * float(F.softplus(lam))
+    return term, vals.var(1) / draws
+
+
+def _fit_proposal(
+    evaluate: _Evaluator,
+    b: int,
+    shape: torch.Size,
+    lam_min: float,
+    lam_max: float,
+    seed: int,
+    pilot_examples: int,
+    pilot_nodes: int,
+) -> tuple[LambdaProposal, int]:
+    """Pilot run: ``pilot_nodes`` stratified-uniform log-SNR draws on up to ``pilot_examples`` evenly spaced
+    examples; returns the fitted proposal and the number of ``eps_fn`` calls spent."""
+    pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique()
+    g = _example_generator(seed, -1, 7)
+    m = len(pick)
+    u = (
+        torch.arange(pilot_nodes, dtype=torch.float64)[None]
+        + torch.rand(m, pilot_nodes, generator=g, dtype=torch.float64)
+    ) / pilot_nodes
+    lam_p = lam_min + (lam_max - lam_min) * u.flatten()
+    z_p = torch.randn((m * pilot_nodes, *shape), generator=g, dtype=torch.float64)
+    ex_p = pick.repeat_interleave(pilot_nodes)
+    f_p = evaluate(ex_p, lam_p, z_p, desc="pilot")
+    return LambdaProposal.fit(lam_p, f_p, lam_min, lam_max), len(ex_p)
+
+
+def fit_proposal(
+    eps_fn: EpsFn,
+    x: Tensor,
+    *,
+    lam_min: float = DEFAULT_LAM_RANGE[0],
+    lam_max: float = DEFAULT_LAM_RANGE[1],
+    control_variate: str | GaussianMixture | Tensor | None = None,
+    norm_z: bool = True,
+    seed: int = 0,
+    pilot_examples: int = 64,
+    pilot_nodes: int = 16,
+    double: bool = False,
+) -> LambdaProposal:
+    """Fit the adaptive log-SNR proposal of :func:`log_density` once, to reuse across calls.
+
+    Reusing one proposal makes results independent of how a data set is split into batches or processes,
+    and gives common random numbers across models (e.g. the classes of a diffusion classifier). Pass the
+    same ``control_variate`` and ``norm_z`` as to :func:`log_density`.
+
+    Args:
+        eps_fn: the model. x: [B, *shape] pilot examples (up to ``pilot_examples`` evenly spaced are used).
+
+    Returns:
+        A :class:`~scoredensity.proposals.LambdaProposal` on ``[lam_min, lam_max]``.
+    """
+    x = check_data(x)
+    gauss = _resolve_control_variate(control_variate, x)
+    work_dtype = torch.float64 if double else x.dtype
+    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, max(1, (1 << 22) // x[0].numel()), False)
+    proposal, _ = _fit_proposal(evaluate, x.shape[0], x.shape[1:], lam_min, lam_max, seed, pilot_examples, pilot_nodes)
+    return proposal
+
+
 def _integrate_block(
     evaluate: _Evaluator,
     proposal: LambdaProposal,
@@ -289,6 +414,9 @@ def log_density(
     chunk_size: int | None = None,
     pilot_examples: int = 64,
     pilot_nodes: int = 16,
+    decoder: str = "gaussian",
+    levels: int | None = None,
+    decoder_draws: int = 4,
     progress: bool | None = None,
 ) -> LogDensity:
     """Log-density of ``x`` under the model ``eps_fn`` by the score-based density formula (DESIGN.md §2).
@@ -320,6 +448,14 @@ def log_density(
         seed: all randomness derives from (seed, example index): results do not depend on ``chunk_size``.
         double: hand ``x_t`` to ``eps_fn`` in float64 (else in x's dtype). ``t`` is always float64.
         chunk_size: rows of ``x_t`` per ``eps_fn`` call (bounds memory); default ~2^22 / d.
+        decoder: the clean-end term. ``"gaussian"`` (default; continuous or dequantised data): the Gaussian
+            reconstruction term of VDM, equal to the formula with ``eps = 0`` above ``lam_max``.
+            ``"discretized"`` (data on ``levels`` levels scaled to [-1, 1], no dequantisation): the
+            probability of the data's bin under ``N(x0_hat(x_{t_min}), t_min / (1 - t_min))`` discretised
+            to the bins (DDPM's decoder), averaged over ``decoder_draws`` draws of z; then ``logp`` is a
+            lower bound on ``log P(k)`` (a probability, nats) and carries no ``(d/2) log(2 pi e)``.
+        levels: number of levels ``L`` for the discretised decoder (grid ``2k/(L-1) - 1``).
+        decoder_draws: draws of z for the discretised decoder (>= 2 gives its standard error).
         progress: tqdm bar over chunks (default: when more than 4 chunks).
 
     Returns:
@@ -339,6 +475,12 @@ def log_density(
         raise ValueError("n_t and n_z must be >= 1")
     if scheme == "stratified" and n_t % 2:
         raise ValueError("scheme='stratified' needs an even n_t (two draws per stratum for an honest stderr)")
+    if decoder not in ("gaussian", "discretized"):
+        raise ValueError(f"decoder must be 'gaussian' or 'discretized', got {decoder!r}")
+    if decoder == "discretized":
+        _check_on_grid(x, levels)
+        if decoder_draws < 2:
+            raise ValueError("decoder_draws must be >= 2 for a standard error")
     if antithetic and n_z % 2:
         raise ValueError("antithetic=True needs an even n_z")
     units = n_z // 2 if antithetic else n_z
@@ -369,19 +511,7 @@ def log_density(
         proposal = LambdaProposal.uniform(lam_min, lam_max)
         pilot_calls = 0
     elif importance == "adaptive":
-        pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique()
-        g = _example_generator(seed, -1, 7)
-        m = len(pick)
-        u = (
-            torch.arange(pilot_nodes, dtype=torch.float64)[None]
-            + torch.rand(m, pilot_nodes, generator=g, dtype=torch.float64)
-        ) / pilot_nodes
-        lam_p = lam_min + (lam_max - lam_min) * u.flatten()
-        z_p = torch.randn((m * pilot_nodes, *shape), generator=g, dtype=torch.float64)
-        ex_p = pick.repeat_interleave(pilot_nodes)
-        f_p = evaluate(ex_p, lam_p, z_p, desc="pilot")
-        proposal = LambdaProposal.fit(lam_p, f_p, lam_min, lam_max)
-        pilot_calls = len(ex_p)
+        proposal, pilot_calls = _fit_proposal(evaluate, b, shape, lam_min, lam_max, seed, pilot_examples, pilot_nodes)
     else:
         raise ValueError(f"importance must be 'adaptive', 'uniform' or a LambdaProposal, got {importance!r}")
 
@@ -403,6 +533,10 @@ def log_density(
         integral = integral + exact_g.terms["integral"]
     noisy, clean = end_terms(x, lam_min, lam_max)
     nfe = n_t * n_z + pilot_calls / b
+    if decoder == "discretized":
+        clean, dec_var = _discretized_clean_end(eps_fn, x, lam_max, levels, decoder_draws, seed, work_dtype, chunk_size)
+        var = var + dec_var
+        nfe += decoder_draws
     return LogDensity(
         logp=noisy + integral + clean,
         stderr=var.clamp_min(0).sqrt(),
@@ -421,5 +555,7 @@ def log_density(
             "norm_z": norm_z,
             "antithetic": antithetic,
             "seed": seed,
+            "decoder": decoder,
+            "levels": levels,
         },
     )
