@@ -240,6 +240,7 @@ def _discretized_clean_end(
     seed: int,
     work_dtype: torch.dtype,
     chunk_size: int,
+    keys: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Clean-end term with DDPM's discretised decoder, and its variance, per example.
 
@@ -258,7 +259,7 @@ def _discretized_clean_end(
     zs = torch.stack(
         [
             torch.randn((draws, *x.shape[1:]), generator=_example_generator(seed, i, 2), dtype=torch.float64)
-            for i in range(b)
+            for i in keys.tolist()
         ]
     )  # [B, draws, *shape]
     x64 = x.to(torch.float64)
@@ -347,11 +348,12 @@ def _integrate_block(
     scheme: str,
     antithetic: bool,
     seed: int,
+    keys: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Integral estimate and its variance [len(idx)] for the examples ``idx``."""
+    """Integral estimate and its variance [len(idx)] for the examples ``idx`` (randomness keyed by ``keys[idx]``)."""
     b = len(idx)
     us, zs = [], []
-    for i in idx.tolist():
+    for i in keys[idx].tolist():
         g = _example_generator(seed, i, 0)
         if scheme == "stratified":
             strata = n_t // 2
@@ -417,6 +419,7 @@ def log_density(
     decoder: str = "gaussian",
     levels: int | None = None,
     decoder_draws: int = 4,
+    example_ids: Tensor | None = None,
     progress: bool | None = None,
 ) -> LogDensity:
     """Log-density of ``x`` under the model ``eps_fn`` by the score-based density formula (DESIGN.md §2).
@@ -456,6 +459,9 @@ def log_density(
             lower bound on ``log P(k)`` (a probability, nats) and carries no ``(d/2) log(2 pi e)``.
         levels: number of levels ``L`` for the discretised decoder (grid ``2k/(L-1) - 1``).
         decoder_draws: draws of z for the discretised decoder (>= 2 gives its standard error).
+        example_ids: [B] integer keys of the examples' random streams (default ``0..B-1``). Pass global
+            indices when a data set is evaluated in batches or shards: with a fixed ``importance=`` proposal and
+            ``control_variate``, each example's result is then the same whatever the batching.
         progress: tqdm bar over chunks (default: when more than 4 chunks).
 
     Returns:
@@ -500,6 +506,12 @@ def log_density(
         progress = total_rows > 4 * chunk_size
     gauss = _resolve_control_variate(control_variate, x)
     evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress)
+    if example_ids is None:
+        keys = torch.arange(b)
+    else:
+        keys = torch.as_tensor(example_ids).long().flatten()
+        if keys.shape != (b,):
+            raise ValueError(f"example_ids must have one entry per example ({b}), got shape {tuple(keys.shape)}")
 
     # ---- the proposal over log-SNR
     if isinstance(importance, LambdaProposal):
@@ -523,7 +535,7 @@ def log_density(
     for s in tqdm(range(0, b, block), desc="log_density", disable=not progress or b <= block):
         idx = torch.arange(s, min(s + block, b))
         integral[idx], var[idx] = _integrate_block(
-            evaluate, proposal, idx, shape, n_t, n_z, units, scheme, antithetic, seed
+            evaluate, proposal, idx, shape, n_t, n_z, units, scheme, antithetic, seed, keys
         )
 
     if gauss is not None:
@@ -534,7 +546,9 @@ def log_density(
     noisy, clean = end_terms(x, lam_min, lam_max)
     nfe = n_t * n_z + pilot_calls / b
     if decoder == "discretized":
-        clean, dec_var = _discretized_clean_end(eps_fn, x, lam_max, levels, decoder_draws, seed, work_dtype, chunk_size)
+        clean, dec_var = _discretized_clean_end(
+            eps_fn, x, lam_max, levels, decoder_draws, seed, work_dtype, chunk_size, keys
+        )
         var = var + dec_var
         nfe += decoder_draws
     return LogDensity(
