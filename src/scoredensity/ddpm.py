@@ -93,6 +93,7 @@ def ddpm_elbo(
     norm_z: bool = True,
     seed: int = 0,
     chunk_size: int | None = None,
+    example_ids: Tensor | None = None,
 ) -> LogDensity:
     """DDPM's ELBO ``-(L_T + sum L_{k-1} + L_0)`` per example in nats (see the module docstring).
 
@@ -119,6 +120,8 @@ def ddpm_elbo(
         norm_z: replace ``||z - eps||^2`` by ``||z - eps||^2 - ||z||^2 + d`` (unbiased variance reduction).
         seed: randomness keyed by (seed, example index).
         chunk_size: rows per ``eps_fn`` call (default ~2^20 / d).
+        example_ids: [B] integer keys of the examples' random streams (default ``0..B-1``); pass global indices
+            when a data set is evaluated in batches or shards so that each example's result does not depend on it.
 
     Returns:
         :class:`LogDensity` with terms ``prior`` (``-L_T``), ``diffusion`` (``-sum L_{k-1}``), ``decoder`` (``-L_0``).
@@ -143,6 +146,9 @@ def ddpm_elbo(
         raise ValueError("need n_z >= 1 and decoder_draws >= 2")
     b, shape, d = x.shape[0], x.shape[1:], x[0].numel()
     T = sch.num_steps
+    keys = torch.arange(b) if example_ids is None else torch.as_tensor(example_ids).long().flatten()
+    if keys.shape != (b,):
+        raise ValueError(f"example_ids must have one entry per example ({b}), got shape {tuple(keys.shape)}")
     if chunk_size is None:
         chunk_size = max(1, (1 << 20) // d)
 
@@ -197,7 +203,7 @@ def ddpm_elbo(
     for s0 in range(0, b, block):
         idx = torch.arange(s0, min(s0 + block, b))
         ks, zs, zd = [], [], []
-        for i in idx.tolist():
+        for i in keys[idx].tolist():
             g = _example_generator(seed, i, 5)
             zd.append(torch.randn((decoder_draws, *shape), generator=g, dtype=torch.float64))
             if n_steps_sampled is None:
