@@ -144,3 +144,14 @@ def test_compare_runs_every_estimator_and_writes_json_and_png(tmp_path, capsys):
     assert "abs_err" not in res["rows"][0]
     with pytest.raises(ValueError, match="exact_logp"):
         compare_estimators(gm.eps, _points(gm, 3), torch.zeros(2), suite=default_suite(2, "quick")[:1])
+
+
+def test_example_ids_make_batches_reproduce_the_whole():
+    gm = mixture_preset("ring8")
+    x = _points(gm, 6)
+    kw = {"n_t": 16, "importance": "uniform", "control_variate": "prior", "seed": 2}
+    whole = elbo(gm.eps, x, **kw)
+    part = elbo(gm.eps, x[3:5], example_ids=torch.tensor([3, 4]), **kw)
+    assert torch.allclose(part.logp, whole.logp[3:5], atol=1e-10)
+    with pytest.raises(ValueError, match="example_ids"):
+        elbo(gm.eps, x, example_ids=torch.arange(5), **kw)

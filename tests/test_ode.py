@@ -109,3 +109,12 @@ def test_bad_input():
 
     with pytest.raises(ValueError, match="NaN"):
         ode_log_likelihood(nan_eps, x)
+
+
+def test_example_ids_key_the_probes():
+    gm = mixture_preset("ring8")
+    x = _points(gm, 5)
+    kw = {"trace": "hutchinson", "n_probes": 2, "steps": 20, "seed": 1}
+    whole = ode_log_likelihood(gm.eps, x, **kw)
+    part = ode_log_likelihood(gm.eps, x[1:3], example_ids=torch.tensor([1, 2]), **kw)
+    assert torch.allclose(part.logp, whole.logp[1:3], atol=1e-10)

@@ -123,6 +123,8 @@ def ddpm_elbo(
         example_ids: [B] integer keys of the examples' random streams (default ``0..B-1``); pass global indices
             when a data set is evaluated in batches or shards so that each example's result does not depend on it.
 
+    ``x`` may live on any device (``eps_fn`` is called there); the result is on the CPU.
+
     Returns:
         :class:`LogDensity` with terms ``prior`` (``-L_T``), ``diffusion`` (``-sum L_{k-1}``), ``decoder`` (``-L_0``).
     """
@@ -151,6 +153,7 @@ def ddpm_elbo(
         raise ValueError(f"example_ids must have one entry per example ({b}), got shape {tuple(keys.shape)}")
     if chunk_size is None:
         chunk_size = max(1, (1 << 20) // d)
+    x_cpu = x.detach().cpu()
 
     beta = sch.betas  # [T], index k-1 for step k
     t = sch.times  # t_k = 1 - abar_k
@@ -179,13 +182,15 @@ def ddpm_elbo(
             sl = slice(s, min(s + chunk_size, len(ex)))
             kk = k[sl]
             bshape = (-1,) + (1,) * len(shape)
+            zc = z[sl].to(device=x.device, dtype=torch.float64)
+            tk = t[kk].to(x.device)
             xk = (
-                torch.exp(0.5 * log_abar[kk]).reshape(bshape) * x[ex[sl]].to(torch.float64)
-                + t[kk].sqrt().reshape(bshape) * z[sl].to(torch.float64)
+                torch.exp(0.5 * log_abar[kk]).to(x.device).reshape(bshape) * x[ex[sl]].to(torch.float64)
+                + tk.sqrt().reshape(bshape) * zc
             ).to(x.dtype)
-            eps = call_eps(eps_fn, xk, t[kk])
-            errs.append(sq_err(z[sl], eps))
-            epss.append(eps)
+            eps = call_eps(eps_fn, xk, tk)
+            errs.append(sq_err(zc, eps).cpu())
+            epss.append(eps.detach().cpu())
         return torch.cat(errs), torch.cat(epss)
 
     def kl_terms(k: Tensor, err: Tensor) -> Tensor:
@@ -221,9 +226,10 @@ def ddpm_elbo(
             quad = t[0] / (1 - beta[0]) * err_d
             ld = -0.5 * (d * (_LOG_2PI + torch.log(model_var[0])) + quad / model_var[0])
         else:
-            x1 = torch.exp(0.5 * log_abar[0]) * x[ex_d].to(torch.float64) + t[0].sqrt() * z_dec.to(torch.float64)
+            x_d = x_cpu[ex_d].to(torch.float64)
+            x1 = torch.exp(0.5 * log_abar[0]) * x_d + t[0].sqrt() * z_dec.to(torch.float64)
             mu1 = (x1 - t[0].sqrt() * eps_d.to(torch.float64)) / torch.exp(0.5 * log_abar[0])
-            ld = discretized_gaussian_log_likelihood(x[ex_d], mu1, 0.5 * torch.log(model_var[0]), levels)
+            ld = discretized_gaussian_log_likelihood(x_d, mu1, 0.5 * torch.log(model_var[0]), levels)
         ld = ld.reshape(nb, decoder_draws)
         dec[idx] = ld.mean(1)
         dec_var[idx] = ld.var(1) / decoder_draws
@@ -254,7 +260,7 @@ def ddpm_elbo(
 
     # ---- L_T = KL(N(sqrt(abar_T) x, t_T I) || N(0, I)) = 1/2 [abar_T ||x||^2 - d abar_T - d log t_T]
     abar_T = torch.exp(log_abar[-1])
-    prior = -0.5 * (abar_T * x.flatten(1).to(torch.float64).pow(2).sum(1) - d * abar_T - d * torch.log(t[-1]))
+    prior = -0.5 * (abar_T * x_cpu.flatten(1).to(torch.float64).pow(2).sum(1) - d * abar_T - d * torch.log(t[-1]))
     steps_eval = decoder_draws + ((T - 1) * n_z if n_steps_sampled is None else n_steps_sampled)
     return LogDensity(
         logp=prior + diffusion + dec,

@@ -56,6 +56,7 @@ def _integrand(
         x0: [N, *shape] data rows. lam: [N] float64. z: [N, *shape] noise.
         probes: [n, N, *shape] Hutchinson probes, or ``None`` for the exact divergence.
     """
+    lam = lam.to(x0.device)
     t = torch.sigmoid(-lam)
     shape = (-1,) + (1,) * (x0.dim() - 1)
     a = torch.sigmoid(lam).sqrt().reshape(shape)
@@ -65,12 +66,13 @@ def _integrand(
         eps = call_eps(eps_fn, y, t)
         sq = eps.flatten(1).to(torch.float64).pow(2).sum(1)
         if gauss is not None:
-            eps_g = gauss.eps(y.flatten(1), t).reshape(y.shape).to(eps.dtype)
+            # the reference Gaussian lives on the CPU; autograd follows the transfers
+            eps_g = gauss.eps(y.flatten(1).cpu(), t.cpu()).reshape(y.shape).to(device=y.device, dtype=eps.dtype)
             sq = sq - eps_g.flatten(1).to(torch.float64).pow(2).sum(1)
             eps = eps - eps_g  # the divergence is linear: one vjp serves both
         div = divergence(eps, y, probes).mean(0)  # [N]
     d = 0 if gauss is not None else y[0].numel()  # the d t / 2 parts of the two drifts cancel
-    return (-reverse_drift_divergence(div, lam, d, eta=1.0) - 0.5 * sq).detach()
+    return (-reverse_drift_divergence(div, lam, d, eta=1.0) - 0.5 * sq).detach().cpu()
 
 
 def elbo(
@@ -88,6 +90,7 @@ def elbo(
     control_variate: str | GaussianMixture | Tensor | None = "auto",
     pilot_nodes: int = 16,
     pilot_examples: int = 64,
+    example_ids: Tensor | None = None,
 ) -> LogDensity:
     """Continuous-time ELBO of the plug-in reverse SDE in divergence form (seed 001), per example in nats.
 
@@ -110,6 +113,11 @@ def elbo(
             :class:`LambdaProposal`.
         control_variate: ``"auto"`` (Gaussian fitted to the batch when B > d, else ``N(0, I)``), ``"batch"``,
             ``"prior"`` (``N(0, I)``), a single-Gaussian :class:`GaussianMixture`, reference data, or ``None``.
+        example_ids: [B] integer keys of the examples' random streams (default ``0..B-1``); pass global indices
+            when a data set is evaluated in batches or shards (with a fixed ``importance=`` proposal and control
+            variate, each example's result then does not depend on the batching).
+
+    ``x`` may live on any device (``eps_fn`` is called there); the result is on the CPU.
 
     Returns:
         :class:`LogDensity` (terms ``noisy_end``, ``integral``, ``clean_end``). ``nfe`` counts forward calls of
@@ -126,12 +134,16 @@ def elbo(
     if not (math.isfinite(lam_min) and math.isfinite(lam_max)) or not lam_max > lam_min:
         raise ValueError(f"need finite lam_min < lam_max, got [{lam_min}, {lam_max}]")
     b, shape, d = x.shape[0], x.shape[1:], x[0].numel()
+    keys = torch.arange(b) if example_ids is None else torch.as_tensor(example_ids).long().flatten().cpu()
+    if keys.shape != (b,):
+        raise ValueError(f"example_ids must have one entry per example ({b}), got shape {tuple(keys.shape)}")
+    x_cpu = x.detach().cpu()
     if chunk_size is None:
         chunk_size = max(1, (1 << 20) // d)
     if control_variate == "prior":
         gauss = GaussianMixture.gaussian(torch.zeros(d), torch.eye(d))
     else:
-        gauss = _resolve_control_variate(control_variate, x)
+        gauss = _resolve_control_variate(control_variate, x_cpu)
         if gauss is None and control_variate == "auto":
             gauss = GaussianMixture.gaussian(torch.zeros(d), torch.eye(d))
     n_p = 0 if probe == "exact" else n_probes
@@ -139,7 +151,7 @@ def elbo(
 
     def draw(n: int, g: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """``n`` noise draws [n, *shape] and their probes [n_p, n, *shape] (None for the exact trace)."""
-        z = torch.randn((n, *shape), generator=g, dtype=torch.float64).to(x.dtype)
+        z = torch.randn((n, *shape), generator=g, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
         return z, (None if probe == "exact" else make_probes(z, n_p, probe, g))
 
     def evaluate(ex: Tensor, lam: Tensor, z: Tensor, probes: Tensor | None) -> Tensor:
@@ -181,7 +193,7 @@ def elbo(
     for s0 in range(0, b, per_block):
         idx = torch.arange(s0, min(s0 + per_block, b))
         us, zs, prs = [], [], []
-        for i in idx.tolist():
+        for i in keys[idx].tolist():
             g = _example_generator(seed, i, 1)
             offsets = torch.rand(n_t, generator=g, dtype=torch.float64)
             us.append((torch.arange(strata, dtype=torch.float64).repeat_interleave(2) + offsets) / strata)
@@ -200,10 +212,10 @@ def elbo(
         integral = (
             integral
             + integrate_expected_error(
-                gauss.expected_denoising_error, x.flatten(1), lam_min=lam_min, lam_max=lam_max
+                gauss.expected_denoising_error, x_cpu.flatten(1), lam_min=lam_min, lam_max=lam_max
             ).terms["integral"]
         )
-    noisy, clean = end_terms(x, lam_min, lam_max)
+    noisy, clean = end_terms(x_cpu, lam_min, lam_max)
     nfe = n_t + pilot_rows / b
     vjp = nfe * vjp_per_row
     return LogDensity(

@@ -80,7 +80,8 @@ def reverse_noise_std(lam_from: Tensor, lam_to: Tensor, eta: float) -> Tensor:
 
 
 def make_probes(like: Tensor, n: int, kind: str = "rademacher", generator: torch.Generator | None = None) -> Tensor:
-    """``n`` Hutchinson probes per example, ``E[v v^T] = I``: [n, B, *shape] in ``like``'s dtype.
+    """``n`` Hutchinson probes per example, ``E[v v^T] = I``: [n, B, *shape] in ``like``'s dtype and device (drawn on
+    the CPU from ``generator``, so a seed gives the same probes on any device).
 
     ``rademacher`` (entries ±1: the lowest variance for a fixed Jacobian, exact for a diagonal one) or
     ``gaussian`` (N(0, 1) entries).
@@ -91,8 +92,10 @@ def make_probes(like: Tensor, n: int, kind: str = "rademacher", generator: torch
         raise ValueError(f"the number of probes must be >= 1, got {n}")
     shape = (n, *like.shape)
     if kind == "gaussian":
-        return torch.randn(shape, generator=generator, dtype=torch.float64).to(like.dtype)
-    return (torch.randint(0, 2, shape, generator=generator, dtype=torch.int64) * 2 - 1).to(like.dtype)
+        v = torch.randn(shape, generator=generator, dtype=torch.float64)
+    else:
+        v = torch.randint(0, 2, shape, generator=generator, dtype=torch.int64) * 2 - 1
+    return v.to(device=like.device, dtype=like.dtype)
 
 
 def divergence(out: Tensor, y: Tensor, probes: Tensor | None = None, create_graph: bool = False) -> Tensor:

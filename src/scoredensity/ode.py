@@ -53,17 +53,18 @@ def solve_ode(func, y0, lam_span: tuple[float, float], *, rtol, atol, method, st
     ``rtol``/``atol`` when an adaptive solve exceeds ``max_num_steps`` or its step size underflows.
     """
     lo, hi = lam_span
+    dev = (y0[0] if isinstance(y0, tuple) else y0).device
     if steps is not None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if method not in FIXED_METHODS:
             method = "rk4"
-        grid = torch.linspace(lo, hi, steps + 1, dtype=torch.float64)
+        grid = torch.linspace(lo, hi, steps + 1, dtype=torch.float64, device=dev)
         sol = odeint(func, y0, grid, method=method)
         return tuple(s[-1] for s in sol) if isinstance(sol, tuple) else sol[-1]
     if method not in ADAPTIVE_METHODS:
         raise ValueError(f"method must be one of {ADAPTIVE_METHODS} (or {FIXED_METHODS} with steps=N), got {method!r}")
-    span = torch.tensor([lo, hi], dtype=torch.float64)
+    span = torch.tensor([lo, hi], dtype=torch.float64, device=dev)
     try:
         sol = odeint(func, y0, span, rtol=rtol, atol=atol, method=method, options={"max_num_steps": max_num_steps})
     except AssertionError as e:  # torchdiffeq signals both failures by assertions
@@ -89,6 +90,7 @@ def ode_log_likelihood(
     lam_max: float = 20.0,
     steps: int | None = None,
     max_num_steps: int = 10_000,
+    example_ids: Tensor | None = None,
 ) -> LogDensity:
     """Log-likelihood of ``x`` under the probability-flow ODE model of ``eps_fn`` (nats per example).
 
@@ -110,6 +112,11 @@ def ode_log_likelihood(
         lam_min, lam_max: the prior sits at ``lam_min``, the data at ``lam_max``.
         steps: fixed uniform grid in log-SNR with this many steps (identical call counts on every process).
         max_num_steps: cap of the adaptive solver; exceeding it raises :class:`ODESolverError`.
+        example_ids: [B] integer keys of the examples' probes (default ``0..B-1``; pass global indices when
+            evaluating in batches or shards). The adaptive step size is shared by the batch, so only fixed-grid
+            results (``steps=``) are exactly independent of the batching.
+
+    ``x`` may live on any device (``eps_fn`` is called there); the result is on the CPU.
 
     Returns:
         :class:`LogDensity` with terms ``prior`` (``log N(y(lam_min); 0, I)``) and ``flow`` (``c(lam_min)``);
@@ -130,10 +137,16 @@ def ode_log_likelihood(
     if not (math.isfinite(lam_min) and math.isfinite(lam_max)) or not lam_max > lam_min:
         raise ValueError(f"need finite lam_min < lam_max, got [{lam_min}, {lam_max}]")
     b, d = x.shape[0], x[0].numel()
+    keys = torch.arange(b) if example_ids is None else torch.as_tensor(example_ids).long().flatten().cpu()
+    if keys.shape != (b,):
+        raise ValueError(f"example_ids must have one entry per example ({b}), got shape {tuple(keys.shape)}")
     probes = None
     if trace == "hutchinson":
         probes = torch.stack(
-            [make_probes(x[i : i + 1], n_probes, probe, _example_generator(seed, i, 3))[:, 0] for i in range(b)],
+            [
+                make_probes(x[i : i + 1], n_probes, probe, _example_generator(seed, int(k), 3))[:, 0]
+                for i, k in enumerate(keys.tolist())
+            ],
             dim=1,
         ).to(torch.float64)  # [n, B, *shape]
     n_acc = 1 if probes is None else n_probes
@@ -154,7 +167,7 @@ def ode_log_likelihood(
         return dy, dc
 
     y0 = x.detach().to(torch.float64)
-    c0 = torch.zeros(n_acc, b, dtype=torch.float64)
+    c0 = torch.zeros(n_acc, b, dtype=torch.float64, device=x.device)
     y_end, c_end = solve_ode(
         func,
         (y0, c0),
@@ -165,7 +178,8 @@ def ode_log_likelihood(
         steps=steps,
         max_num_steps=max_num_steps,
     )
-    prior = std_normal_logp(y_end)
+    prior = std_normal_logp(y_end).cpu()
+    c_end = c_end.cpu()
     flow = c_end.mean(0)
     if n_acc > 1:
         stderr = c_end.std(0) / math.sqrt(n_acc)

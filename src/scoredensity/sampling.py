@@ -63,7 +63,8 @@ def _check_noise(noise: Tensor) -> Tensor:
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.dtype)
+    """Standard normal draws shaped like ``x``, drawn on the CPU from ``generator`` and moved to ``x``'s device."""
+    return torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
 
 
 @torch.no_grad()
@@ -98,7 +99,7 @@ def sample_ddim(
     n = x.shape[0]
     xd = x.to(torch.float64)
     for lam_s, lam_t in zip(grid[:-1], grid[1:], strict=True):
-        t_s = torch.sigmoid(-lam_s).expand(n)
+        t_s = torch.sigmoid(-lam_s).expand(n).to(x.device)
         eps = call_eps(eps_fn, xd.to(x.dtype), t_s).to(torch.float64)
         a_s, s_s = torch.sigmoid(lam_s).sqrt(), torch.sigmoid(-lam_s).sqrt()
         a_t, s_t = torch.sigmoid(lam_t).sqrt(), torch.sigmoid(-lam_t).sqrt()
@@ -139,7 +140,7 @@ def sample_euler_maruyama(
     n = x.shape[0]
     xd = x.to(torch.float64)
     for lam_s, lam_t in zip(grid[:-1], grid[1:], strict=True):
-        lam_b = lam_s.expand(n)
+        lam_b = lam_s.expand(n).to(x.device)
         eps = call_eps(eps_fn, xd.to(x.dtype), torch.sigmoid(-lam_b))
         xd = xd + reverse_drift(xd, eps, lam_b, eta) * (lam_t - lam_s)
         if eta > 0:
@@ -221,7 +222,7 @@ def sample_ddpm(
     n = x.shape[0]
     xd = x.to(torch.float64)
     for k in range(sch.num_steps - 1, -1, -1):
-        eps = call_eps(eps_fn, xd.to(x.dtype), t[k].expand(n)).to(torch.float64)
+        eps = call_eps(eps_fn, xd.to(x.dtype), t[k].expand(n).to(x.device)).to(torch.float64)
         xd = (xd - beta[k] / t[k].sqrt() * eps) / torch.sqrt(1 - beta[k])
         if k > 0:
             xd = xd + var[k].sqrt() * _randn_like(xd, generator)
@@ -239,6 +240,7 @@ def sample(
     lam_min: float = SAMPLER_LAM_RANGE[0],
     lam_max: float = SAMPLER_LAM_RANGE[1],
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
     noise: Tensor | None = None,
     **options,
 ) -> Tensor:
@@ -253,6 +255,8 @@ def sample(
         eta: 0 the probability-flow ODE, 1 the reverse SDE (``ddim``, ``euler_maruyama`` only).
         generator: seeds the starting noise and the sampler's noise.
         lam_min, lam_max: log-SNR range for the log-SNR samplers (default [-15, 15]).
+        dtype, device: of the fresh starting noise (drawn on the CPU from ``generator``, then moved); the
+            sampler runs on the noise's device.
         noise: starting state instead of fresh standard normal draws.
         options: passed to the sampler (``rtol``, ``atol``, ``method`` for ``ode``; ``schedule``, ``variance``
             for ``ddpm``).
@@ -262,7 +266,7 @@ def sample(
     if noise is None:
         if len(shape) < 2 or any(int(s) < 1 for s in shape):
             raise ValueError(f"shape must be (N, *shape) with positive sizes, got {tuple(shape)}")
-        noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(dtype)
+        noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     if eta is not None and sampler in ("ode", "ddpm"):
         raise ValueError(f"eta does not apply to sampler {sampler!r} (use 'ddim' or 'euler_maruyama')")
     if options and sampler in ("ddim", "euler_maruyama"):
