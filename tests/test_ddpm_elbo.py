@@ -94,6 +94,16 @@ def test_d20_close_to_exact_at_T_1000():
     assert abs(gap) < 0.02 * gm.dim + 4 * est.mean_stderr()
 
 
+def test_betas_alphas_cumprod_and_schedule_agree():
+    gm = mixture_preset("ring8")
+    x = _points(gm, 3)
+    sch = _sched(20)
+    a = ddpm_elbo(gm.eps, x, schedule=sch, seed=1)
+    b = ddpm_elbo(gm.eps, x, betas=sch.betas, seed=1)
+    c = ddpm_elbo(gm.eps, x, alphas_cumprod=sch.alphas_cumprod, seed=1)
+    assert torch.allclose(a.logp, b.logp, atol=1e-9) and torch.allclose(a.logp, c.logp, atol=1e-9)
+
+
 def test_subsampled_steps_are_unbiased():
     gm = mixture_preset("ring8")
     x = _points(gm, 24)
@@ -151,6 +161,8 @@ def test_bad_input():
         ddpm_elbo(gm.eps, x, variance="learned")
     with pytest.raises(ValueError, match="not both"):
         ddpm_elbo(gm.eps, x, betas=torch.full((5,), 0.1), schedule=_sched(5))
+    with pytest.raises(ValueError, match="not both"):
+        ddpm_elbo(gm.eps, x, betas=torch.full((5,), 0.1), alphas_cumprod=_sched(5).alphas_cumprod)
     with pytest.raises(ValueError, match="betas"):
         ddpm_elbo(gm.eps, x, betas=torch.tensor([0.1, -0.2]))
     with pytest.raises(ValueError, match="n_steps_sampled"):

@@ -46,13 +46,15 @@ def test_ring8_component_masses(sampler, eta):
     assert abs(float(gm.log_prob(x.double()).mean() - true)) < 0.5
 
 
-@pytest.mark.parametrize("sampler,eta,steps", [("ddim", 1.0, 480), ("euler_maruyama", 1.0, 400), ("ddim", 0.0, 480)])
+@pytest.mark.parametrize(
+    "sampler,eta,steps", [("ddim", 1.0, 480), ("euler_maruyama", 1.0, 400), ("ddim", 0.0, 480), ("ode", None, None)]
+)
 def test_time_inconsistent_model_laws(sampler, eta, steps):
     # eps switches between two Gaussians' exact eps at t = 1/2: the reverse SDE (eta = 1) and the ODE (eta = 0) are
     # linear, and their laws at lam_max are the Gaussians of the moment ODEs (solved with scipy in test_bound).
     # The jump of eps at lam = 0 makes every first-order step a O(dlam) error (measured: halves with the steps)
     lam_min, lam_max = -15.0, 15.0
-    m, c = gaussian_law(eta, lam_min=lam_min, lam_max=lam_max)
+    m, c = gaussian_law(eta or 0.0, lam_min=lam_min, lam_max=lam_max)
     n = 20_000
     x = sample(
         switched_eps, (n, 2), sampler=sampler, steps=steps, eta=eta, lam_min=lam_min, lam_max=lam_max,

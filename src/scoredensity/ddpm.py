@@ -67,13 +67,15 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     return _log_diff_ndtr(hi, lo).sum(1)
 
 
-def _schedule(betas: Tensor | None, schedule: DDPMSchedule | None) -> DDPMSchedule:
-    if betas is not None and schedule is not None:
-        raise ValueError("give either betas or schedule, not both")
+def _schedule(betas: Tensor | None, schedule: DDPMSchedule | None, alphas_cumprod: Tensor | None) -> DDPMSchedule:
+    if sum(v is not None for v in (betas, schedule, alphas_cumprod)) > 1:
+        raise ValueError("give one of betas, alphas_cumprod or schedule, not both")
     if schedule is not None:
         if not isinstance(schedule, DDPMSchedule):
             raise TypeError(f"schedule must be a DDPMSchedule, got {type(schedule).__name__}")
         return schedule
+    if alphas_cumprod is not None:
+        return DDPMSchedule(alphas_cumprod=alphas_cumprod)
     return DDPMSchedule(betas)
 
 
@@ -83,6 +85,7 @@ def ddpm_elbo(
     *,
     betas: Tensor | None = None,
     schedule: DDPMSchedule | None = None,
+    alphas_cumprod: Tensor | None = None,
     variance: str = "fixed_large",
     decoder: str = "gaussian",
     levels: int = 256,
@@ -106,7 +109,7 @@ def ddpm_elbo(
         x: [B, *shape] data (in [-1, 1] for the discretised decoder).
         betas: [T] betas, or
         schedule: a :class:`DDPMSchedule` (e.g. ``DDPMSchedule.from_clock(VPLinearClock(), T)``).
-            Neither: DDPM's linear 1e-4..0.02, T = 1000.
+            Or ``alphas_cumprod``: [T] ``abar_k`` (diffusers' name). None of them: DDPM's linear 1e-4..0.02, T = 1000.
         variance: ``"fixed_large"`` (``sigma_k^2 = b_k``) or ``"fixed_small"`` (posterior variance).
         decoder: ``"gaussian"`` (continuous data: ``log N(x; mu_1, sigma_1^2)``) or ``"discretized"`` (8-bit-like
             data on ``levels`` levels scaled to [-1, 1]; no dequantisation needed).
@@ -129,7 +132,7 @@ def ddpm_elbo(
         :class:`LogDensity` with terms ``prior`` (``-L_T``), ``diffusion`` (``-sum L_{k-1}``), ``decoder`` (``-L_0``).
     """
     x = check_data(x)
-    sch = _schedule(betas, schedule)
+    sch = _schedule(betas, schedule, alphas_cumprod)
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     if decoder not in DECODERS:

@@ -118,8 +118,9 @@ def compare_estimators(
     Returns:
         ``{"dim", "n", "rows": [...]}``; each row has ``family``, ``setting``, ``logp`` (mean per example),
         ``logp_per_dim``, ``stderr`` (mean per-example standard error), ``nfe``, ``vjp``, ``cost`` (= nfe + vjp),
-        ``seconds_per_example``, and with ``exact_logp``: ``bias`` (mean gap), ``abs_err`` (mean |gap| per example)
-        and ``abs_err_per_dim``.
+        ``seconds_per_example``, ``per_example`` / ``stderr_per_example`` (lists [B]), and with ``exact_logp``:
+        ``bias`` (mean gap), ``abs_err`` (mean |gap| per example) and ``abs_err_per_dim``; the top level then also
+        has ``exact_logp`` (mean) and ``exact_per_example``.
     """
     import torch
 
@@ -148,6 +149,8 @@ def compare_estimators(
             "vjp": vjp,
             "cost": float(est.nfe) + vjp,
             "seconds_per_example": secs / b,
+            "per_example": est.logp.tolist(),
+            "stderr_per_example": est.stderr.tolist(),
         }
         if exact_logp is not None:
             gap = est.logp - exact_logp
@@ -163,6 +166,7 @@ def compare_estimators(
     out = {"dim": d, "n": b, "rows": rows}
     if exact_logp is not None:
         out["exact_logp"] = float(exact_logp.mean())
+        out["exact_per_example"] = exact_logp.tolist()
     return out
 
 
