@@ -155,3 +155,14 @@ def test_example_ids_make_batches_reproduce_the_whole():
     assert torch.allclose(part.logp, whole.logp[3:5], atol=1e-10)
     with pytest.raises(ValueError, match="example_ids"):
         elbo(gm.eps, x, example_ids=torch.arange(5), **kw)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_stderr_is_honest(probe):
+    # z-scores (estimate - exact) / stderr over many points have unit spread when the standard errors are honest
+    gm = mixture_preset("ring8")
+    x = _points(gm, 200, seed=3)
+    est = elbo(gm.eps, x, n_t=64, probe=probe, seed=1)
+    z = (est.logp - gm.log_prob(x)) / est.stderr
+    assert 0.8 < float(z.std()) < 1.25
+    assert abs(float(z.mean())) < 4 / 200**0.5

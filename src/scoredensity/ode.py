@@ -107,7 +107,9 @@ def ode_log_likelihood(
         trace: ``"exact"`` (``d`` vjps per call: small d) or ``"hutchinson"`` (``n_probes`` vjps per call).
         probe: Hutchinson probe, ``"rademacher"`` or ``"gaussian"``; probes are fixed along the trajectory.
         n_probes: probes per example; each gets its own accumulator, so ``stderr`` is their standard error
-            (NaN with one probe: no estimate of the trace noise is available).
+            (NaN with one probe: no estimate of the trace noise is available). With few probes that standard
+            error is itself noisy (z-scores follow a Student t with ``n_probes - 1`` degrees of freedom; in
+            d = 2 Rademacher probes take two values, so it can even be 0): use >= 8 probes for error bars.
         seed: seeds the probes (keyed by example index).
         lam_min, lam_max: the prior sits at ``lam_min``, the data at ``lam_max``.
         steps: fixed uniform grid in log-SNR with this many steps (identical call counts on every process).
