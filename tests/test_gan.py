@@ -95,3 +95,16 @@ def test_bad_input():
         train_gan(steps=1, loss="wgan")
     with pytest.raises(ValueError, match="dimension"):
         gan_metrics(torch.zeros(10, 3), gm)
+
+
+def test_cli_gan(tmp_path, capsys):
+    import json
+
+    from scoredensity.cli import main
+
+    rc = main(["gan", "--steps", "5", "--batch", "32", "--reg-coef", "0.1", "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["metrics"]) == {"modes_covered", "high_quality", "mode_kl", "cross_entropy", "mmd2"}
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "gan.json").exists()
+    assert main(["gan", "--steps", "5", "--preset", "nope", "--out", str(tmp_path)]) == 2
