@@ -166,3 +166,13 @@ def test_stderr_is_honest(probe):
     z = (est.logp - gm.log_prob(x)) / est.stderr
     assert 0.8 < float(z.std()) < 1.25
     assert abs(float(z.mean())) < 4 / 200**0.5
+
+
+def test_closed_form_prior_control_variate_matches_the_gaussian():
+    from scoredensity.elbo import _StdNormal
+
+    g = GaussianMixture.gaussian(torch.zeros(3), torch.eye(3))
+    x = torch.randn(5, 3, dtype=torch.float64)
+    t = torch.rand(5, dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
+    assert torch.allclose(_StdNormal.eps(x, t), g.eps(x, t))
+    assert torch.allclose(_StdNormal.expected_denoising_error(x, t), g.expected_denoising_error(x, t))
