@@ -139,3 +139,18 @@ def test_bad_input():
         continuous_elbo_objective(bad)
     with pytest.raises(ValueError, match="N >= 2"):
         fit_em(torch.zeros(5), 2)
+
+
+def test_certify_cli(tmp_path, capsys):
+    import json
+
+    from scoredensity.cli import main
+
+    args = ["certify", "--data", "blobs2d", "--n", "200", "--steps", "10", "--variances", "fixed_large"]
+    assert main([*args, "--n-init", "1", "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["method"] for r in out["rows"]] == ["em", "continuous", "ddpm"]
+    assert (tmp_path / "certify_gap.png").stat().st_size > 0 and "claim" in out["verdict"]
+    assert main(["certify", "--data", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown data" in capsys.readouterr().err
+    assert main(["certify", "--steps", "1", "--out", str(tmp_path)]) == 2

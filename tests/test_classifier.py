@@ -128,3 +128,26 @@ def test_conditional_network_is_accepted():
     assert res.classes == [0, 1, 2] and res.prediction.shape == (6,)
     with pytest.raises(ValueError, match="outside the trained classes"):
         classify(net, x, classes=[1, 3])
+
+
+def test_classify_cli(tmp_path, capsys):
+    """`scoredensity classify DIR` on a (briefly trained) conditional digits run; an unconditional run is refused."""
+    import json
+
+    from scoredensity.cli import main
+
+    cond = tmp_path / "cond"
+    args = ["train", "--data", "digits", "--net", "mlp", "--hidden", "32", "--blocks", "1", "--steps", "3"]
+    args += ["--eval-n", "0", "--no-progress", "--batch-size", "16"]
+    assert main([*args, "--conditional", "--out", str(cond)]) == 0
+    capsys.readouterr()
+    png = tmp_path / "cm.png"
+    assert main(["classify", str(cond), "--n", "12", "--budget", "640", "--out", str(png), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 12 and 0 <= out["accuracy"] <= 1 and 0 <= out["ece"] <= 1
+    assert sum(map(sum, out["confusion"])) == 12 and png.stat().st_size > 0
+    uncond = tmp_path / "uncond"
+    assert main([*args, "--out", str(uncond)]) == 0
+    capsys.readouterr()
+    assert main(["classify", str(uncond), "--n", "4"]) == 2
+    assert "unconditional" in capsys.readouterr().err

@@ -64,6 +64,7 @@ __all__ = [
     "CertifyRow",
     "CertifyReport",
     "certify_mixture",
+    "certify_data",
     "VARIANCES",
 ]
 
@@ -433,6 +434,47 @@ def parameter_distance(a: GaussianMixture, b: GaussianMixture) -> dict[str, floa
         "cov": float((a.covs - b.covs[perm]).flatten(1).norm(dim=1).max()),
         "weight": float((a.weights - b.weights[perm]).abs().max()),
     }
+
+
+# ---------------------------------------------------------------------------------------- data
+def certify_data(name: str, n: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """2-D train and test points for the experiment (float64).
+
+    ``name``: a mixture preset (``blobs2d``, ``ring8``, ``grid25``; ``n`` train and ``n`` test points sampled with
+    ``seed``), ``digits-pca2`` (scikit-learn's digits scaled to [-1, 1], projected on the first two principal
+    components of the training split and standardised; the loader's split), or a ``.npy`` file of [N, d] points
+    (a seeded 80/20 split).
+    """
+    from ..mixtures import MIXTURE_PRESETS, mixture_preset
+
+    if name in MIXTURE_PRESETS:
+        g = torch.Generator().manual_seed(seed)
+        gm = mixture_preset(name)
+        return gm.sample(n, generator=g), gm.sample(n, generator=g)
+    if name == "digits-pca2":
+        from ..data import load_dataset
+
+        ds = load_dataset("digits", seed=seed)
+
+        def scale(k: Tensor) -> Tensor:
+            return (2 * k.to(torch.float64) / (ds.levels - 1) - 1).flatten(1)
+
+        xtr, xte = scale(ds.x_train), scale(ds.x_test)
+        mean = xtr.mean(0)
+        _, _, v = torch.linalg.svd(xtr - mean, full_matrices=False)
+        ptr, pte = (xtr - mean) @ v[:2].T, (xte - mean) @ v[:2].T
+        std = ptr.std(0)
+        return ptr / std, pte / std
+    if name.endswith(".npy"):
+        arr = torch.as_tensor(np.load(name)).to(torch.float64)
+        if arr.dim() != 2:
+            raise ValueError(f"{name}: expected an [N, d] array of points, got shape {tuple(arr.shape)}")
+        perm = torch.randperm(len(arr), generator=torch.Generator().manual_seed(seed))
+        cut = int(0.8 * len(arr))
+        return _check_x(arr[perm[:cut]]), _check_x(arr[perm[cut:]])
+    raise ValueError(
+        f"unknown data {name!r}: use a mixture preset (blobs2d, ring8, grid25), 'digits-pca2' or a .npy file of points"
+    )
 
 
 # ---------------------------------------------------------------------------------------- the experiment
