@@ -302,10 +302,11 @@ def dsm_loss(
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if weighting == "elbo" and sampler.kind == "ddpm":
         raise ValueError("the 'ddpm' grid is for the simple weighting; use uniform/adaptive/t_uniform with elbo")
-    u = keyed_uniforms(seed, step, index, 1, stream=0)[:, 0]
     if sampler.low_discrepancy and position is not None and global_batch:
         u0 = keyed_uniforms(seed, step, torch.full((1,), -1, dtype=torch.int64), 1, stream=2)[0, 0]
         u = torch.frac(u0 + position.to(torch.float64) / global_batch)
+    else:
+        u = keyed_uniforms(seed, step, index, 1, stream=0)[:, 0]
     lam, inv_q = sampler.sample(u)
     z = keyed_normals(seed, step, index, tuple(x.shape[1:]), stream=1)
     if weighting == "elbo":

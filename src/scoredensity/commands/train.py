@@ -21,7 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {d.steps})")
     p.add_argument("--out", required=True, help="run folder (config, checkpoint, metrics)")
     p.add_argument("--seed", type=int, default=d.seed, help="run seed: data split, init, data order, noise")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (with its stored settings; --steps may extend it)",
+    )
     g = p.add_argument_group("data")
     g.add_argument(
         "--n",
