@@ -31,12 +31,16 @@ from .data import (
     make_dataset,
     split_indices,
 )
+from .ddpm import ddpm_elbo, discretized_gaussian_log_likelihood
 from .diffusers_io import LoadedDiffusers, load_diffusers, load_diffusers_eps, save_diffusers
+from .elbo import elbo
 from .epsfn import EpsFn, call_eps, check_data
 from .formula import end_terms, fit_proposal, integrate_expected_error, log_density
 from .logdensity import LogDensity, bits_per_dim
 from .mixtures import MIXTURE_PRESETS, GaussianMixture, mixture_preset
+from .ode import ODESolverError, ode_log_likelihood
 from .proposals import LambdaProposal
+from .sampling import SAMPLERS, sample, sample_ddim, sample_ddpm, sample_euler_maruyama, sample_ode
 from .schedules import (
     CosineClock,
     DDPMSchedule,
@@ -55,6 +59,17 @@ from .schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "elbo",
+    "ode_log_likelihood",
+    "ODESolverError",
+    "ddpm_elbo",
+    "discretized_gaussian_log_likelihood",
+    "sample",
+    "sample_ddim",
+    "sample_euler_maruyama",
+    "sample_ode",
+    "sample_ddpm",
+    "SAMPLERS",
     "PREDICTION_KINDS",
     "ClockEps",
     "DiffusersEps",
