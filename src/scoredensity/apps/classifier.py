@@ -303,7 +303,7 @@ def classify(
     round_size: int = 32,
     eliminate: bool = True,
     z_threshold: float = 4.0,
-    min_rounds: int = 2,
+    min_rounds: int = 1,
     common_random_numbers: bool = True,
     antithetic: bool = True,
     importance: str | LambdaProposal = "adaptive",
