@@ -96,9 +96,13 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     if not p.is_file():
         raise CheckpointError(f"{p} is missing: {str(run_dir)!r} is not a training run folder")
     try:
-        return json.loads(p.read_text())
+        cfg = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p} is corrupt (not valid JSON: {e})") from None
+    missing = [k for k in ("data", "net", "train") if not isinstance(cfg, dict) or not isinstance(cfg.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{p} is not a scoredensity run configuration (missing {missing})")
+    return cfg
 
 
 def tensor_digest(tensors: dict[str, Tensor]) -> str:
