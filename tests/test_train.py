@@ -54,3 +54,12 @@ def test_digits_train_and_evaluate_bits_per_dim(tmp_path, capsys):
     ev = json.loads(capsys.readouterr().out)
     assert ev["kind"] == "dequantised" and ev["true_nll"] is None
     assert abs(ev["bpd"] - (ev["nll"] / (64 * 0.6931471805599453) + 3.0)) < 1e-9  # log2((17 - 1) / 2) = 3
+
+
+def test_trained_unet_keeps_diffusers_convention_and_exports(tmp_path):
+    from scoredensity.diffusers_io import save_diffusers
+
+    cfg = TrainConfig(steps=2, batch_size=16, eval_n=0)
+    res = train(tmp_path / "u", {"name": "digits", "n": 200}, net={"type": "unet", "channels": [16, 32]}, config=cfg)
+    assert res.ema.config["type"] == "unet" and res.ema.config["data_std"] == 1.0
+    assert (save_diffusers(res.ema, tmp_path / "exported") / "model_index.json").is_file()

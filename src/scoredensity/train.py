@@ -356,7 +356,8 @@ def train(
         data: a name/path for :func:`scoredensity.data.load_dataset` or a dict of its arguments
             (``name``, ``seed``, ``test_fraction``, ``n``, ``logit``, ``root``, ``levels``). Optional when resuming.
         net: network settings: a full config (with ``type``) or overrides of :func:`scoredensity.nets.denoiser_config`
-            (e.g. ``{"hidden": 128, "blocks": 2}``). ``shape``, ``data_std`` and ``num_classes`` are filled in.
+            (e.g. ``{"hidden": 128, "blocks": 2}``). ``shape``, ``num_classes`` and (MLP only; the U-Net keeps
+            diffusers' convention ``data_std = 1``) ``data_std`` are filled in.
         config: :class:`TrainConfig`. Ignored when resuming (the stored one is used), except ``steps``.
         resume: continue the run in ``run_dir`` from its checkpoint.
         steps: total steps (overrides ``config.steps``; may extend a resumed run).
@@ -414,7 +415,10 @@ def train(
                 raise ValueError(f"conditional training needs labels; {dataset.name!r} has none")
             num_classes = dataset.num_classes
         net_cfg = denoiser_config(dataset.shape, kind, **net)
-        net_cfg.update(shape=list(dataset.shape), data_std=net.get("data_std", data_std(dataset)))
+        # the MLP is preconditioned with the data's scale; the U-Net keeps data_std = 1, diffusers' own convention
+        # (then it exports exactly to a diffusers v-prediction UNet2DModel, see scoredensity.diffusers_io)
+        auto_std = data_std(dataset) if net_cfg["type"] == "mlp" else 1.0
+        net_cfg.update(shape=list(dataset.shape), data_std=float(net.get("data_std", auto_std)))
         net_cfg["num_classes"] = num_classes
     full_config = {"version": 1, "data": data_args, "net": net_cfg, "train": cfg.to_dict()}
 
