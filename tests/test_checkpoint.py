@@ -167,8 +167,12 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys):
     model, config, ds = load_run(run)
     assert config["step"] == 5 and ds.name == "ring8"
     assert model(torch.zeros(2, 2), torch.full((2,), 0.5, dtype=torch.float64)).shape == (2, 2)
+    raw, _, _ = load_run(run, ema=False, load_data=False)
+    assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), model.parameters(), strict=True))
     assert main(["train", "--data", "ring8", "--steps", "2", "--out", str(run)]) == 2  # would overwrite
     assert "already holds" in capsys.readouterr().err
+    assert main(["train", "--resume", "--data", "moons", "--out", str(run)]) == 2
+    assert "other data" in capsys.readouterr().err
     ckpt = run / "checkpoint.safetensors"
     good = ckpt.read_bytes()
     ckpt.write_bytes(good[:-100])
