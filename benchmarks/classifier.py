@@ -108,14 +108,18 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items(), strict=True):
+        paired = res.get("bayes") is not None  # mixtures: agreement with the Bayes decisions (a paired measure)
+        key = "agree_bayes" if paired else "accuracy"
         for cfg in CONFIGS:
             rs = [r for r in res["rows"] if r["config"] == cfg]
             if rs:
-                ax.plot([r["nfe"] for r in rs], [r["accuracy"] for r in rs], "o-", label=cfg, ms=3)
-        if res.get("bayes") is not None:
-            ax.axhline(res["bayes"], color="k", ls="--", label="Bayes (ceiling)")
-        ax.axhline(res["logistic"], color="grey", ls=":", label="LogisticRegression")
-        ax.set(xscale="log", xlabel="model evaluations per example", ylabel="accuracy", title=name)
+                ax.plot([r["nfe"] for r in rs], [r[key] for r in rs], "o-", label=cfg, ms=3)
+        if not paired:
+            ax.axhline(res["logistic"], color="grey", ls=":", label="LogisticRegression")
+        ylabel = "agreement with the Bayes classifier" if paired else "accuracy"
+        title = f"{name} (Bayes acc. {res['bayes']:.3f}, logistic {res['logistic']:.3f})" if paired else name
+        ax.set(xscale="log", xlabel="model evaluations per example", ylabel=ylabel, title=title)
+        ax.title.set_fontsize(9)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -136,9 +140,13 @@ def main() -> None:
     ap.add_argument("--digits-run", default=None, help="a conditional digits run to reuse (else one is trained)")
     ap.add_argument("--digits-steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replot", default=None, help="only redraw the figure from a bench_classifier.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), out / "classifier_accuracy.png")
+        return
     out.mkdir(parents=True, exist_ok=True)
     n = 500 if args.quick else 2000
     budgets = (16, 64) if args.quick else (16, 32, 64, 128, 256)

@@ -29,8 +29,11 @@ noise predictor is that mixture's exact ``eps*``. Three ways to fit it to data `
 
 Every denoising loss is minimised as a *sample-average approximation*: the noise draws (log-SNR or steps, and
 ``z``) are drawn once and kept, so the objective is a smooth deterministic function of theta and L-BFGS
-converges to its minimiser; its distance to the exact-objective minimiser is Monte Carlo error of the draws,
-which the tests bound by refitting with other draws.
+converges to its minimiser; its distance to the exact-objective minimiser is Monte Carlo error of the draws
+(``benchmarks/certify.py`` measures it by refitting with independent draws; the tests state a tolerance).
+
+The neural case (:func:`train_denoiser`) trains any network ``EpsFn`` by the same three losses with fresh draws
+per minibatch, so that it can be judged by the true objective (``benchmarks/certify.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ __all__ = [
     "CertifyReport",
     "certify_mixture",
     "certify_data",
+    "denoising_loss",
+    "train_denoiser",
+    "NEURAL_LOSSES",
     "VARIANCES",
 ]
 
@@ -434,6 +440,67 @@ def parameter_distance(a: GaussianMixture, b: GaussianMixture) -> dict[str, floa
         "cov": float((a.covs - b.covs[perm]).flatten(1).norm(dim=1).max()),
         "weight": float((a.weights - b.weights[perm]).abs().max()),
     }
+
+
+# ---------------------------------------------------------------------------------------- neural case
+NEURAL_LOSSES = ("elbo", "ddpm", "simple")
+
+
+def denoising_loss(model, xb: Tensor, loss: str, *, seed: int, lam_range=(-12.0, 12.0), num_steps: int = 1000):
+    """One minibatch loss (scalar, differentiable) with fresh draws keyed by ``seed``.
+
+    ``elbo``: the continuous ``elbo`` loss (:func:`continuous_elbo_objective`, one stratified pair of log-SNR nodes
+    per example, uniform on ``lam_range``); ``ddpm``: minus the DDPM ELBO with ``fixed_large`` variances and
+    ``num_steps`` steps from the VP-linear clock (the decoder step and one step drawn in proportion to its weight,
+    per example); ``simple``: DDPM's ``L_simple``, the unweighted mean of ``||z - eps||^2 / d`` over uniformly
+    drawn steps of the same clock.
+    """
+    b = xb.shape[0]
+    if loss == "elbo":
+        return continuous_elbo_objective(xb, n_t=2, n_chunks=b, lam_min=lam_range[0], lam_max=lam_range[1], seed=seed)(
+            model
+        )
+    if loss == "ddpm":
+        return ddpm_elbo_objective(xb, num_steps=num_steps, max_groups=2, n_chunks=b, seed=seed)(model)
+    if loss == "simple":
+        g = torch.Generator().manual_seed(seed)
+        t = DDPMSchedule.from_clock(VPLinearClock(), num_steps).times
+        tk = t[torch.randint(0, num_steps, (b,), generator=g)]
+        z = torch.randn(xb.shape, generator=g, dtype=torch.float64)
+        x_t = (1 - tk).sqrt()[:, None] * xb + tk.sqrt()[:, None] * z
+        return (z - model(x_t, tk).to(torch.float64)).pow(2).mean()
+    raise ValueError(f"loss must be one of {NEURAL_LOSSES}, got {loss!r}")
+
+
+def train_denoiser(
+    model: torch.nn.Module,
+    x: Tensor,
+    loss: str,
+    *,
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Train ``model`` (an ``EpsFn`` module) on ``x`` [N, d] by one of :data:`NEURAL_LOSSES` with a plain loop (AdamW,
+    cosine decay, gradient clipping at 1, the same data order and budget for every loss). Returns the loss history."""
+    if loss not in NEURAL_LOSSES:
+        raise ValueError(f"loss must be one of {NEURAL_LOSSES}, got {loss!r}")
+    x = _check_x(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed)
+    hist = []
+    for step in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
+        value = denoising_loss(model, x[idx], loss, seed=seed * 1_000_003 + step)
+        opt.zero_grad()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        hist.append(float(value.detach()))
+    return hist
 
 
 # ---------------------------------------------------------------------------------------- data
