@@ -499,6 +499,9 @@ def train(
         loss = out.loss.sum() / cfg.batch_size
         opt.zero_grad(set_to_none=False)
         loss.backward()
+        for p in params:  # parameters this batch did not reach still take part in the all-reduce
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         stats = sampler.bin_stats(out.lam, out.integrand)
         scal = torch.tensor(
             [float(out.loss.detach().sum()), float(out.nll.sum()) if out.nll is not None else 0.0],
