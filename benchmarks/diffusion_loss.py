@@ -118,7 +118,7 @@ def build(kind: str, proc: BimodalARProcess, width: int) -> CausalTransformerAR:
     elif kind == "mdn":
         head = MDNHead(d, width)
     elif kind == "diffusion":
-        head = DiffusionLoss(d, width, width=128, depth=3, data_std=0.4, lam_min=-12.0, lam_max=14.0)
+        head = DiffusionLoss(d, width, width=64, depth=2, data_std=0.4, lam_min=-12.0, lam_max=14.0)
     else:
         raise ValueError(kind)
     return CausalTransformerAR(d, proc.seq_len, head, width=width, depth=2, heads=4)

@@ -50,7 +50,7 @@ def main() -> None:
         opt.step()
         sched.step()
         if step % 250 == 0:
-            print(f"step {step:5d}  loss {float(loss):.3f} nats/token")
+            print(f"step {step:5d}  loss {loss.item():.3f} nats/token")
     model.eval()
     print(f"trained in {time.perf_counter() - t0:.0f} s")
 
