@@ -396,8 +396,9 @@ class DiffusionLoss(nn.Module):
         if self.weighting == "elbo":
             lam = self.lam_min + (self.lam_max - self.lam_min) * u
         else:
-            t_lo, t_hi = torch.sigmoid(torch.tensor(-self.lam_max)), torch.sigmoid(torch.tensor(-self.lam_min))
-            t = (t_lo + (t_hi - t_lo) * u).to(torch.float64)
+            t_lo = torch.sigmoid(torch.tensor(-self.lam_max, dtype=torch.float64))
+            t_hi = torch.sigmoid(torch.tensor(-self.lam_min, dtype=torch.float64))
+            t = t_lo + (t_hi - t_lo) * u
             lam = torch.log1p(-t) - torch.log(t)
         t = torch.sigmoid(-lam)
         x_t = torch.sigmoid(lam).sqrt()[:, None] * xr + t.sqrt()[:, None] * z
