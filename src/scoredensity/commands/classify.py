@@ -48,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{ds.name!r} has no labels for its {args.split} split")
     if args.n is not None:
         x, y = x[: args.n], y[: args.n]
+    bad = (y < 0) | (y >= k)
+    if bad.any():
+        raise ValueError(
+            f"labels {sorted(set(y[bad].tolist()))[:10]} of the {args.split} split are outside the model's trained "
+            f"classes 0..{k - 1}"
+        )
     xm = ds.to_model(x, dequantize=False) if ds.discrete else ds.to_model(x)  # bin centres for discrete data
     tr = config["train"]
     budget = args.budget or 64 * k
