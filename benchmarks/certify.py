@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs", help="folder for the markdown and the PNGs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=1000, help="training (and test) points of the mixture presets")
-    ap.add_argument("--neural-steps", type=int, default=1500, help="training steps per network (0: skip)")
+    ap.add_argument("--neural-steps", type=int, default=4000, help="training steps per network (0: skip)")
     ap.add_argument("--neural-only", action="store_true", help="only the neural part (writes bench_certify_neural.md)")
     args = ap.parse_args()
     torch.set_num_threads(1)
