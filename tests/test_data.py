@@ -98,7 +98,11 @@ def test_default_size_and_to_model_identity_for_continuous():
     assert torch.equal(ds.to_model(xb), xb)
     assert torch.equal(ds.log_jacobian(xb), torch.zeros(7, dtype=torch.float64))
     assert ds.bits_per_dim(torch.ones(7), xb) is None
-    assert ds.num_classes is None and ds.dim == 2
+    assert ds.num_classes == 8 and ds.dim == 2  # mixture components are the labels
+    # labels are the components that generated the points: each point is most likely under its own component
+    resp = ds.mixture.responsibilities_t(ds.x_test[:500].double(), 1e-9)
+    assert float((resp.argmax(1) == ds.y_test[:500]).float().mean()) > 0.95
+    assert load_dataset("moons").num_classes is None
 
 
 def test_checkerboard_is_uniform_on_black_squares():

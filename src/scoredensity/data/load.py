@@ -175,13 +175,13 @@ def _load(
         if m < 2:
             raise DataError(f"n must be >= 2, got {m}")
         if key in MIXTURE_PRESETS:
-            x, gm = sample_mixture(key, m, seed)
+            x, y, gm = sample_mixture(key, m, seed)
             meta = {"source": f"scoredensity.mixtures.mixture_preset({key!r})", "sample_seed": int(seed)}
         else:
-            x, gm = sample_toy(key, m, seed), None
+            x, y, gm = sample_toy(key, m, seed), None, None
             meta = {"source": f"2-D toy {key!r}", "scaling": TOY_SCALING[key], "sample_seed": int(seed)}
         common["n"] = None
-        ds = make_dataset(key, x, mixture=gm, meta=meta, **common)
+        ds = make_dataset(key, x, y, mixture=gm, meta=meta, **common)
         ds.meta["n"] = m
         return ds
     if key == "digits":

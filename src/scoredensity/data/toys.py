@@ -68,11 +68,11 @@ def sample_toy(name: str, n: int, seed: int = 0) -> Tensor:
     return torch.from_numpy(x).to(torch.float32)
 
 
-def sample_mixture(name: str, n: int, seed: int = 0) -> tuple[Tensor, GaussianMixture]:
-    """``n`` points [n, d] float32 from the mixture preset ``name`` (a ``torch.Generator`` seeded by ``seed``)
-    and the mixture itself (its exact density)."""
+def sample_mixture(name: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor, GaussianMixture]:
+    """``n`` points [n, d] float32 from the mixture preset ``name`` (a ``torch.Generator`` seeded by ``seed``),
+    their component labels [n] int64 (the classes of class-conditional training) and the mixture itself."""
     if name not in MIXTURE_PRESETS:
         raise ValueError(f"unknown mixture preset {name!r}; choose one of {sorted(MIXTURE_PRESETS)}")
     gm = mixture_preset(name)
-    x = gm.sample(n, generator=torch.Generator().manual_seed(seed))
-    return x.to(torch.float32), gm
+    x, labels = gm.sample(n, generator=torch.Generator().manual_seed(seed), return_labels=True)
+    return x.to(torch.float32), labels.to(torch.int64), gm
