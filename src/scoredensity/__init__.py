@@ -20,6 +20,15 @@ from .adapters import (
     from_vp_sde,
     pred_from_eps,
 )
+from .apps import (
+    CertifyReport,
+    ClassifierResult,
+    MixtureClassConditional,
+    ParametricMixture,
+    bayes_log_posterior,
+    certify_mixture,
+    classify,
+)
 from .data import (
     LOGIT_ALPHA,
     DataError,
@@ -59,6 +68,13 @@ from .schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CertifyReport",
+    "ClassifierResult",
+    "MixtureClassConditional",
+    "ParametricMixture",
+    "bayes_log_posterior",
+    "certify_mixture",
+    "classify",
     "elbo",
     "ode_log_likelihood",
     "ODESolverError",
