@@ -108,3 +108,20 @@ def test_cli_gan(tmp_path, capsys):
     assert set(doc["metrics"]) == {"modes_covered", "high_quality", "mode_kl", "cross_entropy", "mmd2"}
     assert (tmp_path / "samples.png").exists() and (tmp_path / "gan.json").exists()
     assert main(["gan", "--steps", "5", "--preset", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_cli_gan_with_a_trained_denoiser(tmp_path, capsys):
+    from scoredensity.cli import main
+
+    run_dir = tmp_path / "run"
+    args = ["train", "--data", "ring8", "--steps", "20", "--out", str(run_dir), "--hidden", "16", "--blocks", "1"]
+    assert main(args + ["--eval-n", "8", "--no-progress", "--threads", "1"]) == 0
+    out = tmp_path / "gan"
+    assert (
+        main(
+            ["gan", "--steps", "5", "--batch", "32", "--reg-coef", "0.1", "--denoiser", str(run_dir), "--out", str(out)]
+        )
+        == 0
+    )
+    assert "'ring8'" not in capsys.readouterr().err  # no data mismatch warning
+    assert (out / "gan.json").exists()

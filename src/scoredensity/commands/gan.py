@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 NAME = "gan"
@@ -52,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
         shape = list(config["net"].get("shape", []))
         if shape != [mix.dim]:
             raise ValueError(f"the denoiser in {args.denoiser} models data of shape {shape}, not [{mix.dim}]")
+        trained_on = config.get("data", {}).get("name")
+        if trained_on != args.preset:
+            print(
+                f"warning: the denoiser was trained on {trained_on!r}, the GAN's data are {args.preset!r}",
+                file=sys.stderr,
+            )
         eps_fn = model
     res = train_gan(
         eps_fn=eps_fn,
