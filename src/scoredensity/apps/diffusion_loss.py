@@ -110,7 +110,7 @@ def _tweedie_cov(eps_fn: EpsFn, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         rows = [torch.autograd.grad(eps[:, i].sum(), xg, retain_graph=i < d - 1)[0] for i in range(d)]
     jac = torch.stack(rows, 1)  # [N, D_out, D_in]
     jac = 0.5 * (jac + jac.transpose(1, 2))
-    eye = torch.eye(d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64, device=x.device)
     one_m_t = 1 - t
     cov = (t / one_m_t)[:, None, None] * (eye - t.sqrt()[:, None, None] * jac)
     evals, evecs = torch.linalg.eigh(cov)
@@ -129,6 +129,7 @@ def ancestral_sample(
     lam_max: float = 20.0,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """DDPM ancestral sampling with temperature, in canonical time (seed 000 §4.4; MAR's sampler).
 
@@ -147,28 +148,30 @@ def ancestral_sample(
         shape: ``(N, *per-example shape)`` of the output.
         steps: grid intervals (model calls = steps + 1). temperature: ``tau > 0`` multiplying the reverse-step
             noise (see the module docstring for the law it gives). variance: as above.
-        lam_min, lam_max: grid ends. generator: for reproducible noise.
+        lam_min, lam_max: grid ends. generator: a CPU generator for reproducible noise (drawn on the CPU, so
+            results do not depend on the device). device: where ``eps_fn`` runs (default CPU).
 
     Returns:
-        [N, *shape] samples in ``dtype``.
+        [N, *shape] samples in ``dtype`` on ``device``.
     """
     tau = _check_temperature(temperature)
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     if variance == "tweedie" and len(shape) != 2:
         raise ValueError(f"variance='tweedie' needs flat tokens, shape (N, D); got {tuple(shape)}")
-    grid = cosine_lam_grid(steps, lam_min, lam_max)
+    grid = cosine_lam_grid(steps, lam_min, lam_max).to(device)
     n = shape[0]
     bshape = (n,) + (1,) * (len(shape) - 1)
-    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
     for k in range(steps):
         lam_t = grid[k].expand(n)
         t = torch.sigmoid(-lam_t)
         a, b, p = (v.reshape(bshape) for v in _step_coefficients(lam_t, grid[k + 1].expand(n)))
-        noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
         if variance == "tweedie":
             eps, cov0 = _tweedie_cov(eps_fn, x, t)
-            cov = p[:, :, None] * torch.eye(shape[1], dtype=torch.float64) + b[:, :, None] ** 2 * cov0
+            eye = torch.eye(shape[1], dtype=torch.float64, device=x.device)
+            cov = p[:, :, None] * eye + b[:, :, None] ** 2 * cov0
             evals, evecs = torch.linalg.eigh(cov)
             noise = torch.einsum("nij,nj->ni", evecs * evals.clamp_min(0).sqrt()[:, None, :], noise)
         else:
@@ -391,8 +394,10 @@ class DiffusionLoss(nn.Module):
         n, r = x2.shape[0], self.t_per_token
         xr = x2.repeat(r, 1).to(torch.float64)
         cr = c2.repeat(r, 1)
-        u = torch.rand(n * r, generator=generator, dtype=torch.float64, device=x2.device)
-        z = torch.randn(n * r, self.token_dim, generator=generator, dtype=torch.float64, device=x2.device)
+        dev = None if generator is None else generator.device  # draw where the generator lives, then move
+        u = torch.rand(n * r, generator=generator, dtype=torch.float64, device=dev or x2.device).to(x2.device)
+        z = torch.randn(n * r, self.token_dim, generator=generator, dtype=torch.float64, device=dev or x2.device)
+        z = z.to(x2.device)
         if self.weighting == "elbo":
             lam = self.lam_min + (self.lam_max - self.lam_min) * u
         else:
@@ -445,6 +450,7 @@ class DiffusionLoss(nn.Module):
             lam_min=self.lam_min,
             lam_max=self.lam_max,
             generator=generator,
+            device=c2.device,
         )
         return out.reshape(*c.shape[:-1], self.token_dim)
 
