@@ -93,7 +93,7 @@ def score_regulariser(
         gradient: ``"full"`` (through the denoiser's Jacobian) or ``"sds"`` (Jacobian dropped).
         weighting: ``"formula"`` (uniform in log-SNR) or ``"t_uniform"`` (score-distillation's).
         lam_min, lam_max: log-SNR range closed by the exact end terms.
-        generator: for the draws of ``lam`` and ``z``.
+        generator: a CPU generator for the draws of ``lam`` and ``z`` (moved to ``x``'s device).
 
     Returns:
         [B] float64. Its value is the weighted objective's one-draw estimate (``-log p_data(x)`` for
@@ -110,8 +110,8 @@ def score_regulariser(
     if x.dim() != 2:
         raise ValueError(f"x must be [B, d], got {tuple(x.shape)}")
     b, d = x.shape
-    lam, wq = _draw_lam(b, weighting, lam_min, lam_max, generator)
-    z = torch.randn(b, d, generator=generator, dtype=torch.float64)
+    lam, wq = (v.to(x.device) for v in _draw_lam(b, weighting, lam_min, lam_max, generator))
+    z = torch.randn(b, d, generator=generator, dtype=torch.float64).to(x.device)  # CPU draws: device-independent
     x64 = x.to(torch.float64)
     a = torch.sigmoid(lam).sqrt()[:, None]
     t = torch.sigmoid(-lam)
