@@ -17,13 +17,15 @@ class EpsFn(Protocol):
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor: ...
 
 
-def call_eps(eps_fn: EpsFn, x_t: Tensor, t: Tensor) -> Tensor:
-    """Call ``eps_fn`` and check its output: same shape as ``x_t``, finite.
+def call_eps(eps_fn: EpsFn, x_t: Tensor, t: Tensor, *cond: Tensor) -> Tensor:
+    """Call ``eps_fn(x_t, t, *cond)`` and check its output: same shape as ``x_t``, finite.
+
+    ``cond`` (optional) is a row-aligned condition [N, ...] for conditional models.
 
     Raises:
         ValueError: naming the offending shape or rows.
     """
-    out = eps_fn(x_t, t)
+    out = eps_fn(x_t, t, *cond)
     if not isinstance(out, Tensor):
         raise TypeError(f"eps_fn must return a torch.Tensor, got {type(out).__name__}")
     if out.shape != x_t.shape:

@@ -175,8 +175,9 @@ def _resolve_control_variate(control_variate, x: Tensor) -> GaussianMixture | No
 class _Evaluator:
     """Evaluates the (control-variated) integrand on rows (example, lam, z) in memory-bounded chunks."""
 
-    def __init__(self, eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress):
+    def __init__(self, eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress, cond=None):
         self.eps_fn = eps_fn
+        self.cond = cond
         self.x = x
         self.gauss = gauss
         self.norm_z = norm_z
@@ -201,7 +202,8 @@ class _Evaluator:
             a = torch.sigmoid(lam_c).sqrt().reshape(shape)
             sg = t.sqrt().reshape(shape)
             x_t = a * x0 + sg * zc
-            eps = call_eps(self.eps_fn, x_t.to(self.work_dtype), t)
+            extra = () if self.cond is None else (self.cond[ex_idx[sl]],)
+            eps = call_eps(self.eps_fn, x_t.to(self.work_dtype), t, *extra)
             self.calls += len(lam_c)
             f = formula_integrand(zc, eps, lam_c, self.norm_z)
             if self.gauss is not None:
@@ -241,6 +243,7 @@ def _discretized_clean_end(
     work_dtype: torch.dtype,
     chunk_size: int,
     keys: Tensor,
+    cond: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Clean-end term with DDPM's discretised decoder, and its variance, per example.
 
@@ -270,7 +273,8 @@ def _discretized_clean_end(
         sl = slice(s, min(s + chunk_size, b * draws))
         x_t = a * rows_x[sl] + t.sqrt() * rows_z[sl]
         tt = t.expand(x_t.shape[0])
-        eps = call_eps(eps_fn, x_t.to(work_dtype), tt).to(torch.float64)
+        extra = () if cond is None else (cond.repeat_interleave(draws, 0)[sl],)
+        eps = call_eps(eps_fn, x_t.to(work_dtype), tt, *extra).to(torch.float64)
         x0_hat = (x_t - t.sqrt() * eps) / a
         vals[sl] = discretized_gaussian_log_likelihood(rows_x[sl], x0_hat, log_sd, levels)
     vals = vals.reshape(b, draws)
@@ -316,6 +320,7 @@ def fit_proposal(
     pilot_examples: int = 64,
     pilot_nodes: int = 16,
     double: bool = False,
+    cond: Tensor | None = None,
 ) -> LambdaProposal:
     """Fit the adaptive log-SNR proposal of :func:`log_density` once, to reuse across calls.
 
@@ -332,7 +337,7 @@ def fit_proposal(
     x = check_data(x)
     gauss = _resolve_control_variate(control_variate, x)
     work_dtype = torch.float64 if double else x.dtype
-    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, max(1, (1 << 22) // x[0].numel()), False)
+    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, max(1, (1 << 22) // x[0].numel()), False, cond)
     proposal, _ = _fit_proposal(evaluate, x.shape[0], x.shape[1:], lam_min, lam_max, seed, pilot_examples, pilot_nodes)
     return proposal
 
@@ -420,6 +425,7 @@ def log_density(
     levels: int | None = None,
     decoder_draws: int = 4,
     example_ids: Tensor | None = None,
+    cond: Tensor | None = None,
     progress: bool | None = None,
 ) -> LogDensity:
     """Log-density of ``x`` under the model ``eps_fn`` by the score-based density formula (DESIGN.md §2).
@@ -462,6 +468,8 @@ def log_density(
         example_ids: [B] integer keys of the examples' random streams (default ``0..B-1``). Pass global
             indices when a data set is evaluated in batches or shards: with a fixed ``importance=`` proposal and
             ``control_variate``, each example's result is then the same whatever the batching.
+        cond: [B, ...] per-example condition of a conditional model (class labels, a context vector): then
+            ``eps_fn`` is called as ``eps_fn(x_t, t, cond_rows)`` with the rows of ``cond`` aligned to ``x_t``.
         progress: tqdm bar over chunks (default: when more than 4 chunks).
 
     Returns:
@@ -505,7 +513,9 @@ def log_density(
     if progress is None:
         progress = total_rows > 4 * chunk_size
     gauss = _resolve_control_variate(control_variate, x)
-    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress)
+    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != b):
+        raise ValueError(f"cond must be a tensor with one row per example ({b})")
+    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress, cond)
     if example_ids is None:
         keys = torch.arange(b)
     else:
@@ -547,7 +557,7 @@ def log_density(
     nfe = n_t * n_z + pilot_calls / b
     if decoder == "discretized":
         clean, dec_var = _discretized_clean_end(
-            eps_fn, x, lam_max, levels, decoder_draws, seed, work_dtype, chunk_size, keys
+            eps_fn, x, lam_max, levels, decoder_draws, seed, work_dtype, chunk_size, keys, cond
         )
         var = var + dec_var
         nfe += decoder_draws

@@ -464,9 +464,9 @@ class DiffusionLoss(nn.Module):
     def log_prob(self, x: Tensor, c: Tensor, *, n_t: int = 64, seed: int = 0, **formula_kwargs) -> LogDensity:
         """``log p(x | c)`` per token by the density formula (:func:`scoredensity.formula.log_density`), in nats.
 
-        The head is wrapped into an ``EpsFn`` with each token's ``c`` bound (one formula call per token, since
-        the estimator's rows carry no example index). For a learned head the value is, in expectation, a lower
-        bound on the log-likelihood of the plug-in reverse SDE (seed 001).
+        One call of the estimator for all tokens: each token's ``c`` travels with its rows (``cond=``), and each
+        token has its own random stream. For a learned head the value is, in expectation, a lower bound on the
+        log-likelihood of the plug-in reverse SDE (seed 001).
 
         Args:
             x: [..., D] tokens. c: [..., C] conditions. n_t: log-SNR nodes per token. seed: randomness.
@@ -478,10 +478,7 @@ class DiffusionLoss(nn.Module):
         x2, c2 = self._check(x, c)
         kw = dict(lam_min=self.lam_min, lam_max=self.lam_max, control_variate=None, progress=False)
         kw.update(formula_kwargs)
-        parts = [
-            log_density(self.eps_fn(c2[i]), x2[i : i + 1], n_t=n_t, seed=seed + i, **kw) for i in range(x2.shape[0])
-        ]
-        return LogDensity.cat(parts)
+        return log_density(self.eps, x2, n_t=n_t, seed=seed, cond=c2, **kw)
 
 
 # ------------------------------------------------------------------------------------------- AR backbone
