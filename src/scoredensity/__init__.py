@@ -28,7 +28,10 @@ from .apps import (
     bayes_log_posterior,
     certify_mixture,
     classify,
+    gan,
 )
+from .apps.diffusion_loss import BimodalARProcess, CausalTransformerAR, DiffusionLoss, gaussian_temperature_law
+from .apps.gan import GANConfig, GANResult, regulariser_gradient, score_regulariser, train_gan
 from .data import (
     LOGIT_ALPHA,
     DataError,
@@ -68,6 +71,16 @@ from .schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "gan",
+    "DiffusionLoss",
+    "CausalTransformerAR",
+    "BimodalARProcess",
+    "gaussian_temperature_law",
+    "GANConfig",
+    "GANResult",
+    "regulariser_gradient",
+    "score_regulariser",
+    "train_gan",
     "CertifyReport",
     "ClassifierResult",
     "MixtureClassConditional",
