@@ -171,3 +171,20 @@ def test_bad_input():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"rows \[0\]"):
         ddpm_elbo(gm.eps, bad)
+
+
+def test_zero_terminal_snr_schedule_is_refused_not_inf():
+    import pytest
+
+    from scoredensity import CosineClock, DDPMSchedule, ddpm_elbo, mixture_preset
+
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 50, dtype=torch.float64), 0)
+    abar[-1] = 0.0
+    gm = mixture_preset("ring8")
+    x = gm.sample(4, generator=torch.Generator().manual_seed(0)).float()
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        ddpm_elbo(gm.eps, x, alphas_cumprod=abar)
+    # the cosine clock's b_T = 1 is clipped at 0.999 as in the published schedule: finite bound
+    sched = DDPMSchedule.from_clock(CosineClock(), 100)
+    assert float(sched.betas.max()) <= 0.999
+    assert torch.isfinite(ddpm_elbo(gm.eps, x, schedule=sched).logp).all()

@@ -74,3 +74,23 @@ def test_discretized_decoder_rejects_data_off_the_grid_or_out_of_range():
         log_density(model.eps, torch.zeros(3, 2), decoder="discretized")
     with pytest.raises(ValueError, match="decoder"):
         log_density(model.eps, torch.zeros(3, 2), decoder="logistic")
+
+
+def test_bits_per_dim_refuses_the_dequantisation_offset_for_a_discrete_result():
+    model = GaussianMixture.gaussian(torch.zeros(2), torch.eye(2))
+    x = _grid(torch.tensor([[3.0, 8.0], [8.0, 9.0]]))
+    disc = log_density(model.eps, x.float(), decoder="discretized", levels=L, lam_max=6.0)
+    assert torch.allclose(disc.bits_per_dim(), -disc.logp / (2 * math.log(2)))
+    with pytest.raises(ValueError, match="already log P"):
+        disc.bits_per_dim(levels=L)
+
+
+def test_mc_standard_error_is_honest_with_several_z_per_node():
+    """The n_z draws at one node share lam: the mc standard error must not treat them as independent."""
+    from scoredensity import mixture_preset
+
+    gm = mixture_preset("ring8")
+    x = gm.sample(400, generator=torch.Generator().manual_seed(3)).float()
+    est = log_density(gm.eps, x, scheme="mc", n_t=32, n_z=8, control_variate=None)
+    z = (est.logp - gm.log_prob(x)) / est.stderr
+    assert 0.8 < float(z.std()) < 1.25

@@ -151,6 +151,11 @@ def ddpm_elbo(
         raise ValueError("need n_z >= 1 and decoder_draws >= 2")
     b, shape, d = x.shape[0], x.shape[1:], x[0].numel()
     T = sch.num_steps
+    if float(sch.times[-1]) >= 1.0 or float(sch.betas.max()) >= 1.0:
+        raise ValueError(
+            "the DDPM ELBO is undefined for a zero-terminal-SNR schedule (b_T = 1, t_T = 1: the last reverse mean "
+            "divides by sqrt(1 - b_T) = 0); clip the betas below 1 (e.g. 0.999) or use the density formula"
+        )
     keys = torch.arange(b) if example_ids is None else torch.as_tensor(example_ids).long().flatten()
     if keys.shape != (b,):
         raise ValueError(f"example_ids must have one entry per example ({b}), got shape {tuple(keys.shape)}")

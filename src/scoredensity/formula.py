@@ -393,9 +393,9 @@ def _integrate_block(
         integral = pairs.mean(2).mean(1)
         var = ((pairs[:, :, 0] - pairs[:, :, 1]) ** 2 / 4).sum(1) / strata**2
     elif scheme == "mc":
-        draws = g_val.reshape(b, -1)
+        draws = g_val.mean(2)  # the n_z draws at one node share lam: average them first
         integral = draws.mean(1)
-        var = draws.var(1) / draws.shape[1]
+        var = draws.var(1) / n_t
     else:
         w = _gauss_legendre(n_t)[1][None, :]
         integral = (w * g_val.mean(2)).sum(1)
@@ -443,7 +443,9 @@ def log_density(
             above ~1e-3; t is passed to ``eps_fn`` in float64 so ``1 - t`` is resolved there.
         scheme: ``"stratified"`` (default; n_t/2 equal-mass strata of the proposal, two independent draws
             each, so the standard error is honest), ``"mc"`` (independent draws) or ``"quadrature"``
-            (Gauss-Legendre in the proposal's CDF variable; needs ``n_z >= 2`` for a standard error).
+            (Gauss-Legendre in the proposal's CDF variable; needs ``n_z >= 2``; its standard error covers the
+            z-noise only, not the deterministic quadrature error, which is small with the adaptive proposal but
+            not with ``importance="uniform"`` at few nodes: prefer ``stratified`` when the error bar matters).
         importance: ``"adaptive"`` (default: a pilot of ``pilot_nodes`` uniform draws on up to
             ``pilot_examples`` examples fits a piecewise-constant proposal ∝ RMS of the integrand; pilot
             values are not reused, so the estimate stays unbiased), ``"uniform"``, or a fitted
@@ -498,8 +500,8 @@ def log_density(
     if antithetic and n_z % 2:
         raise ValueError("antithetic=True needs an even n_z")
     units = n_z // 2 if antithetic else n_z
-    if scheme == "mc" and n_t * units < 2:
-        raise ValueError("scheme='mc' needs n_t * n_z >= 2 draws for a standard error")
+    if scheme == "mc" and n_t < 2:
+        raise ValueError("scheme='mc' needs n_t >= 2 independent nodes for a standard error")
     if scheme == "quadrature" and units < 2:
         raise ValueError("scheme='quadrature' needs n_z >= 2 (>= 4 with antithetic) for a standard error")
 

@@ -148,6 +148,10 @@ def evaluate_images(
         schedule = schedule if schedule is not None else getattr(eps_fn, "schedule", None)
         if schedule is None:
             raise ValueError("the 'ddpm' method needs schedule= (a DDPMSchedule) for a model without .schedule")
+        if getattr(eps_fn, "zero_terminal_snr", False):
+            raise ValueError(
+                "the DDPM ELBO is undefined for a zero-terminal-SNR schedule (t_T = 1); use the formula methods only"
+            )
         variance = variance or getattr(eps_fn, "variance_type", "fixed_small")
         variance = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}.get(variance, variance)
         if variance not in ("fixed_small", "fixed_large"):
@@ -172,7 +176,7 @@ def evaluate_images(
         pilot_examples=16,
         pilot_nodes=8,
     )
-    pilot_nfe = 16 * 8 / n
+    pilot_nfe = min(n, 16) * 8 / n
     sp_min, sp_max = (float(F.softplus(torch.tensor(v, dtype=torch.float64))) for v in (lam_min, lam_max))
     mine = torch.arange(n)[rank::world]
     local: dict[str, dict[str, list[Tensor]]] = {m: {} for m in methods}

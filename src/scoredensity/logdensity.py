@@ -55,7 +55,15 @@ class LogDensity:
         return float(self.logp.std() / math.sqrt(b))
 
     def bits_per_dim(self, levels: int | None = None) -> Tensor:
-        """Per-example bits per dimension, see :func:`bits_per_dim`."""
+        """Per-example bits per dimension, see :func:`bits_per_dim`.
+
+        ``levels`` converts a dequantised (continuous) density to the probability of the integer grid. A result
+        of a discretised decoder is already a probability: passing ``levels`` then raises.
+        """
+        if levels is not None and self.info.get("decoder") == "discretized":
+            raise ValueError(
+                "this result comes from a discretised decoder (already log P(k)); call bits_per_dim() without levels"
+            )
         return bits_per_dim(-self.logp, self.dim, levels)
 
     def __getitem__(self, idx) -> LogDensity:

@@ -243,7 +243,13 @@ class DDPMSchedule:
 
     @classmethod
     def from_clock(cls, clock: VPLinearClock | CosineClock, num_steps: int) -> DDPMSchedule:
-        """``abar_k = abar(k / T)`` taken from one continuous clock (DESIGN.md §3), so step counts compare."""
+        """``abar_k = abar(k / T)`` taken from one continuous clock (DESIGN.md §3), so step counts compare.
+
+        Betas are clipped at 0.999 as in Nichol & Dhariwal's cosine schedule (whose ``abar(1) = 0`` would give
+        ``b_T = 1``, a zero-terminal-SNR step with an undefined reverse mean); only that last step moves.
+        """
         s = torch.arange(1, num_steps + 1, dtype=torch.float64) / num_steps
-        t = clock.to_t(s).clamp(max=1.0)
-        return cls(alphas_cumprod=1 - t)
+        abar = 1 - clock.to_t(s).clamp(max=1.0)
+        prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        betas = torch.where(prev > 0, 1 - abar / prev.clamp_min(1e-300), torch.ones_like(abar))
+        return cls(betas.clamp(1e-12, 0.999))

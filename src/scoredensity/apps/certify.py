@@ -240,6 +240,8 @@ def ddpm_step_weights(schedule: DDPMSchedule, variance: str, d: int) -> tuple[Te
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     beta = schedule.betas
     t = schedule.times
+    if float(beta.max()) >= 1.0:
+        raise ValueError("the DDPM ELBO is undefined for a zero-terminal-SNR schedule (b_T = 1); clip the betas")
     big_t = len(beta)
     t_prev = torch.cat([t.new_zeros(1), t[:-1]])
     post = beta * t_prev / t  # sigma~_k^2, 0 at k = 1
