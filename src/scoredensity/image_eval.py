@@ -91,6 +91,7 @@ def _summary(vals: dict[str, Tensor], d: int, kind: str, nfe: float, levels: int
     }
 
 
+@torch.no_grad()
 def evaluate_images(
     eps_fn: EpsFn,
     images: Tensor,

@@ -24,7 +24,6 @@ def add_diffusers_arguments(p: argparse.ArgumentParser) -> None:
         default="formula-discrete,formula-dequantized,ddpm",
         help="comma-separated subset of formula-discrete, formula-dequantized, ddpm",
     )
-    g.add_argument("--n-t", type=int, default=32, help="log-SNR nodes per image for the formula")
     g.add_argument("--ddpm-steps", type=int, default=50, help="KL terms sampled per image for the DDPM ELBO (0: all)")
     g.add_argument("--batch-size", type=int, default=16, help="images per network call (bounds memory)")
     g.add_argument(
@@ -51,7 +50,7 @@ def run_diffusers_eval(args: argparse.Namespace) -> int:
     if ds.levels is None:
         raise ValueError(f"{args.images}: images must be integer levels (8-bit), got continuous data")
     split = getattr(args, "split", "test")
-    images = {"train": ds.x_train, "test": ds.x_test, "all": torch.cat([ds.x_train, ds.x_test])}[split]
+    images = {"train": ds.x_train, "test": ds.x_test}[split]
     if args.n is not None:
         images = images[: args.n]
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

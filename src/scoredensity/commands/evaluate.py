@@ -12,7 +12,9 @@ HELP = "held-out negative log-likelihood (nats, bits/dim) of a trained run by th
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the options of ``scoredensity evaluate``."""
-    p.add_argument("run_dir", metavar="DIR", help="run folder written by 'scoredensity train'")
+    from ._diffusers_eval import add_diffusers_arguments
+
+    p.add_argument("run_dir", metavar="DIR", nargs="?", help="run folder written by 'scoredensity train'")
     p.add_argument("--split", choices=["test", "train"], default="test")
     p.add_argument("--n", type=int, default=None, help="first N points of the split (default all)")
     p.add_argument("--n-t", type=int, default=32, help="log-SNR nodes per example (default 32)")
@@ -23,11 +25,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_diffusers_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; print the result. Returns the exit code."""
     import torch
+
+    if args.diffusers:
+        if args.run_dir:
+            raise ValueError("give either a run folder or --diffusers PATH, not both")
+        from ._diffusers_eval import run_diffusers_eval
+
+        return run_diffusers_eval(args)
+    if not args.run_dir:
+        raise ValueError("give a run folder (DIR) or --diffusers PATH --images SRC")
 
     from ..checkpoint import load_run
     from ..train import evaluate_model
