@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._model_source import add_model_arguments, model_source
+
 NAME = "compare"
 HELP = "run every likelihood estimator on the same points: table, JSON and error-vs-cost plot"
 
@@ -272,13 +274,10 @@ def write_report(result: dict, out_dir: str | Path, stem: str = "compare", title
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the options of ``scoredensity compare``."""
-    p.add_argument("--preset", default="ring8", help="mixture preset whose exact eps is the model (default ring8)")
-    p.add_argument("--dim", type=int, default=None, help="dimension for the 'anisotropic' preset")
-    p.add_argument("--n", type=int, default=200, help="test points drawn from the preset (default 200)")
+    add_model_arguments(p)
+    p.add_argument("--n", type=int, default=200, help="test points (default 200)")
     p.add_argument("--level", choices=["quick", "default", "full"], default="default", help="budgets per estimator")
     p.add_argument("--seed", type=int, default=0, help="seed of the test points")
-    p.add_argument("--lam-min", type=float, default=-20.0, help="log-SNR range of the estimators (default -20)")
-    p.add_argument("--lam-max", type=float, default=20.0, help="(default 20)")
     p.add_argument("--out", default=None, help="folder for compare.json and compare.png")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
 
@@ -287,25 +286,30 @@ def run(args: argparse.Namespace) -> int:
     """Draw test points from the preset, compare, print the table, write JSON and PNG."""
     import torch
 
-    from ..mixtures import mixture_preset
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    kw = {"d": args.dim} if args.dim is not None else {}
-    gm = mixture_preset(args.preset, **kw)
-    x = gm.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
+    src = model_source(args)
+    x = src.test_points(args.n, args.seed)
+    exact = None if src.exact_log_prob is None else src.exact_log_prob(x)
     result = compare_estimators(
-        gm.eps,
+        src.eps_fn,
         x,
-        gm.log_prob(x),
+        exact,
         level=args.level,
-        lam_min=args.lam_min,
-        lam_max=args.lam_max,
+        lam_min=src.lam_min,
+        lam_max=src.lam_max,
         progress=lambda s: print(s, flush=True),
     )
-    result.update(preset=args.preset, seed=args.seed, lam_min=args.lam_min, lam_max=args.lam_max)
+    result.update(
+        model=src.title,
+        run_dir=args.run_dir,
+        preset=None if args.run_dir else (args.preset or "ring8"),
+        seed=args.seed,
+        lam_min=src.lam_min,
+        lam_max=src.lam_max,
+    )
     print()
     print(format_table(result))
     best = cheapest_to_reach(result)
@@ -314,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("no estimator reached 0.01 nats/dim at these budgets")
     if args.out:
-        for path in write_report(result, args.out, title=f"{args.preset}: d = {gm.dim}, {args.n} points"):
+        for path in write_report(result, args.out, title=f"{src.title}, {len(x)} points"):
             print(f"wrote {path}")
     return 0
 
