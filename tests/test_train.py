@@ -63,3 +63,15 @@ def test_trained_unet_keeps_diffusers_convention_and_exports(tmp_path):
     res = train(tmp_path / "u", {"name": "digits", "n": 200}, net={"type": "unet", "channels": [16, 32]}, config=cfg)
     assert res.ema.config["type"] == "unet" and res.ema.config["data_std"] == 1.0
     assert (save_diffusers(res.ema, tmp_path / "exported") / "model_index.json").is_file()
+
+
+def test_training_demo_report(tmp_path):
+    from scoredensity.demo import full_demo
+
+    r = full_demo(tmp_path, steps=30, n_grid=8, n_samples=50, n_eval=100, progress=False)
+    t = r["training"]
+    assert t["steps"] == 30 and t["eval"]["n"] == 100 and t["eval"]["true_nll"] is not None
+    for name in ("report.md", "formula_density.png", "trained_density.png", "samples.png", "training_demo.json"):
+        assert (tmp_path / name).is_file(), name
+    text = (tmp_path / "report.md").read_text()
+    assert "bound - exact" in text and "trained_density.png" in text
