@@ -32,6 +32,7 @@ from .apps import (
 )
 from .apps.diffusion_loss import BimodalARProcess, CausalTransformerAR, DiffusionLoss, gaussian_temperature_law
 from .apps.gan import GANConfig, GANResult, regulariser_gradient, score_regulariser, train_gan
+from .checkpoint import CheckpointError, load_run
 from .data import (
     LOGIT_ALPHA,
     DataError,
@@ -48,8 +49,11 @@ from .diffusers_io import LoadedDiffusers, load_diffusers, load_diffusers_eps, s
 from .elbo import elbo
 from .epsfn import EpsFn, call_eps, check_data
 from .formula import end_terms, fit_proposal, integrate_expected_error, log_density
+from .image_eval import evaluate_images
 from .logdensity import LogDensity, bits_per_dim
+from .losses import LamSampler, dsm_loss, elbo_loss
 from .mixtures import MIXTURE_PRESETS, GaussianMixture, mixture_preset
+from .nets import MLPDenoiser, UNetDenoiser, build_denoiser, denoiser_config
 from .ode import ODESolverError, ode_log_likelihood
 from .proposals import LambdaProposal
 from .sampling import SAMPLERS, sample, sample_ddim, sample_ddpm, sample_euler_maruyama, sample_ode
@@ -67,10 +71,25 @@ from .schedules import (
     logsnr_from_t,
     t_from_logsnr,
 )
+from .train import TrainConfig, TrainResult, evaluate_model, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "load_run",
+    "evaluate_images",
+    "LamSampler",
+    "dsm_loss",
+    "elbo_loss",
+    "MLPDenoiser",
+    "UNetDenoiser",
+    "build_denoiser",
+    "denoiser_config",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate_model",
+    "train",
     "gan",
     "DiffusionLoss",
     "CausalTransformerAR",
