@@ -7,7 +7,7 @@ their first two principal components (scaled to [-1, 1] first, standardised afte
 true density is unknown). Every family member is an exact mixture denoiser, so every fit is also a density with
 an exact log-likelihood. Also: the spread of the continuous fit over independent draws (its Monte Carlo floor).
 
-Run: python benchmarks/certify.py [--quick] [--out docs]
+Run: python benchmarks/certify.py [--quick] [--out bench_out/certify]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def neural(x_train, x_test, exact_nll, steps: int, n_eval: int, seed: int) -> li
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    ap.add_argument("--out", default="docs", help="folder for the markdown and the PNGs")
+    ap.add_argument("--out", default="bench_out/certify", help="folder for the markdown and the PNGs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=1000, help="training (and test) points of the mixture presets")
     ap.add_argument("--neural-steps", type=int, default=4000, help="training steps per network (0: skip)")

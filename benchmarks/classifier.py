@@ -9,7 +9,7 @@ common random numbers (CRN), antithetic z and adaptive elimination, formula vs u
 
 Reference line on the same split: scikit-learn's ``LogisticRegression`` (fitted on the training split).
 
-Run: python benchmarks/classifier.py [--quick] [--digits-run DIR] [--out docs]
+Run: python benchmarks/classifier.py [--quick] [--digits-run DIR] [--out bench_out/classifier]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def train_digits(run_dir: Path, steps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="docs")
+    ap.add_argument("--out", default="bench_out/classifier")
     ap.add_argument("--digits-run", default=None, help="a conditional digits run to reuse (else one is trained)")
     ap.add_argument("--digits-steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
