@@ -1,14 +1,12 @@
 """Checkpoints: atomic verified writes, clear errors for bad files, and bit-for-bit resumption after SIGKILL."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_TRAIN_ARGS, run_module
 
 import scoredensity.checkpoint as ck
 from scoredensity.checkpoint import (
@@ -25,13 +23,6 @@ from scoredensity.nets import MLPDenoiser
 from scoredensity.train import KILL_ENV, TrainConfig, train
 
 TINY = {"hidden": 16, "blocks": 1, "emb_dim": 8}
-
-
-def _cli(*args, env=None):
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "scoredensity", *args], capture_output=True, text=True, env=e, timeout=300
-    )
 
 
 def test_save_load_round_trip_and_corruption(tmp_path):
@@ -102,37 +93,15 @@ def test_state_dict_from_another_configuration():
 def test_kill_and_resume_is_bit_for_bit(tmp_path):
     """A run SIGKILLs itself right after the checkpoint of step 40; resumed, it ends exactly like an
     uninterrupted run (weights, EMA, optimiser state, sampler state)."""
-    common = [
-        "--data",
-        "ring8",
-        "--n",
-        "2000",
-        "--steps",
-        "70",
-        "--checkpoint-every",
-        "20",
-        "--batch-size",
-        "64",
-        "--hidden",
-        "32",
-        "--blocks",
-        "1",
-        "--eval-n",
-        "0",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--log-every",
-        "10",
-    ]
+    common = [*TINY_TRAIN_ARGS, "--n", "2000", "--steps", "70", "--checkpoint-every", "20", "--log-every", "10"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    r = _cli("train", *common, "--out", a, env={KILL_ENV: "40"})
+    r = run_module("scoredensity", "train", *common, "--out", a, env={KILL_ENV: "40"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     tensors_40, meta = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")
     assert meta["step"] == 40
-    r = _cli("train", "--resume", "--out", a, "--no-progress", "--threads", "1")
+    r = run_module("scoredensity", "train", "--resume", "--out", a, "--no-progress", "--threads", "1")
     assert r.returncode == 0, r.stderr
-    r = _cli("train", *common, "--out", b)
+    r = run_module("scoredensity", "train", *common, "--out", b)
     assert r.returncode == 0, r.stderr
     ta, ma = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")
     tb, mb = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import mixture_points
 
 from scoredensity.ddpm import ddpm_elbo, discretized_gaussian_log_likelihood
 from scoredensity.mixtures import GaussianMixture, mixture_preset
@@ -14,16 +15,7 @@ from scoredensity.schedules import DDPMSchedule, VPLinearClock
 EULER_GAMMA = 0.5772156649015329
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _points(gm: GaussianMixture, n: int, seed: int = 1) -> torch.Tensor:
-    return gm.sample(n, generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sched(T: int) -> DDPMSchedule:
@@ -39,7 +31,7 @@ def _gap(gm, x, T, n_z, **kw):
 
 def test_fixed_large_gap_shrinks_like_one_over_T():
     gm = mixture_preset("ring8")
-    x = _points(gm, 48)
+    x = mixture_points(gm, 48)
     g10, s10 = _gap(gm, x, 10, n_z=256)
     g100, s100 = _gap(gm, x, 100, n_z=16)
     g1000, s1000 = _gap(gm, x, 1000, n_z=2)
@@ -56,7 +48,7 @@ def test_fixed_small_gap_is_about_gamma_over_two_per_dimension():
     # as T -> inf. At finite T the clock is linear in t only for the first ~T/100 steps, so the excess is larger
     # and decreases towards the limit. Same seed: the two runs see the same z.
     gm = mixture_preset("ring8")
-    x = _points(gm, 32)
+    x = mixture_points(gm, 32)
     lim = EULER_GAMMA / 2
     excess = []
     for T in (300, 3000):
@@ -78,7 +70,7 @@ def test_fixed_small_gap_is_about_gamma_over_two_per_dimension():
 def test_measures_the_model_not_the_data():
     data = mixture_preset("ring8")
     model = mixture_preset("blobs2d")
-    x = _points(data, 32)
+    x = mixture_points(data, 32)
     est = ddpm_elbo(model.eps, x, schedule=_sched(1000), n_z=2)
     gap = float((est.logp - model.log_prob(x)).mean())
     # O(1/T) discretisation gap (c ≈ 10 |gap_10| ≈ 5 nats/dim on these mixtures) plus noise
@@ -88,7 +80,7 @@ def test_measures_the_model_not_the_data():
 
 def test_d20_close_to_exact_at_T_1000():
     gm = mixture_preset("anisotropic", d=20)
-    x = _points(gm, 16)
+    x = mixture_points(gm, 16)
     est = ddpm_elbo(gm.eps, x, schedule=_sched(1000))
     gap = float((est.logp - gm.log_prob(x)).mean())
     assert abs(gap) < 0.02 * gm.dim + 4 * est.mean_stderr()
@@ -96,7 +88,7 @@ def test_d20_close_to_exact_at_T_1000():
 
 def test_betas_alphas_cumprod_and_schedule_agree():
     gm = mixture_preset("ring8")
-    x = _points(gm, 3)
+    x = mixture_points(gm, 3)
     sch = _sched(20)
     a = ddpm_elbo(gm.eps, x, schedule=sch, seed=1)
     b = ddpm_elbo(gm.eps, x, betas=sch.betas, seed=1)
@@ -106,7 +98,7 @@ def test_betas_alphas_cumprod_and_schedule_agree():
 
 def test_subsampled_steps_are_unbiased():
     gm = mixture_preset("ring8")
-    x = _points(gm, 24)
+    x = mixture_points(gm, 24)
     full = ddpm_elbo(gm.eps, x, schedule=_sched(200), n_z=2, seed=1)
     sub = ddpm_elbo(gm.eps, x, schedule=_sched(200), n_steps_sampled=64, seed=2)
     joint = math.sqrt(full.mean_stderr() ** 2 + sub.mean_stderr() ** 2)
@@ -117,7 +109,7 @@ def test_subsampled_steps_are_unbiased():
 def test_stderr_is_honest():
     # the spread over seeds matches the reported standard error (pair-difference estimate with n_z = 1)
     gm = mixture_preset("ring8")
-    x = _points(gm, 4)
+    x = mixture_points(gm, 4)
     runs = [ddpm_elbo(gm.eps, x, schedule=_sched(50), seed=s) for s in range(24)]
     spread = torch.stack([r.logp for r in runs]).std(0)
     reported = torch.stack([r.stderr for r in runs]).mean(0)
@@ -130,7 +122,7 @@ def test_discretized_decoder_matches_bin_mass():
     # times the bin width 2/255 (midpoint rule over a bin 0.8 decoder standard deviations wide), away from the
     # open edge bins
     gm = GaussianMixture.gaussian(torch.zeros(2), 0.09 * torch.eye(2))
-    pts = _points(gm, 32)
+    pts = mixture_points(gm, 32)
     pts = pts[(pts.abs() < 0.98).all(1)][:16]
     x = ((pts + 1) * 127.5).round() / 127.5 - 1
     common = {"schedule": _sched(1000), "seed": 3, "variance": "fixed_large"}
@@ -154,7 +146,7 @@ def test_discretized_log_likelihood_is_a_distribution():
 
 def test_bad_input():
     gm = mixture_preset("ring8")
-    x = _points(gm, 3)
+    x = mixture_points(gm, 3)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         ddpm_elbo(gm.eps, x, decoder="discretized", schedule=_sched(10))
     with pytest.raises(ValueError, match="variance"):

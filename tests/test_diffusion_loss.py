@@ -20,12 +20,7 @@ MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
 COV = torch.tensor([[0.3, 0.1], [0.1, 0.05]], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_moments(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, k: float = 4.5) -> None:

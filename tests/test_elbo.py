@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import mixture_points
 
 from scoredensity.elbo import elbo
 from scoredensity.formula import log_density
 from scoredensity.mixtures import GaussianMixture, mixture_preset
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _points(gm: GaussianMixture, n: int, seed: int = 1) -> torch.Tensor:
-    return gm.sample(n, generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _within(est, exact, k: float = 4.0) -> None:
@@ -32,7 +23,7 @@ def _within(est, exact, k: float = 4.0) -> None:
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian", "exact"])
 def test_exact_for_exact_eps_d2(probe):
     gm = mixture_preset("ring8")
-    x = _points(gm, 16)
+    x = mixture_points(gm, 16)
     est = elbo(gm.eps, x, n_t=128, probe=probe, seed=0)
     _within(est, gm.log_prob(x))
     assert est.method == f"elbo-div-{probe}"
@@ -41,7 +32,7 @@ def test_exact_for_exact_eps_d2(probe):
 
 def test_exact_for_exact_eps_d20():
     gm = mixture_preset("anisotropic", d=20)
-    x = _points(gm, 8)
+    x = mixture_points(gm, 8)
     est = elbo(gm.eps, x, n_t=256, probe="rademacher", seed=0)
     _within(est, gm.log_prob(x))
 
@@ -49,7 +40,7 @@ def test_exact_for_exact_eps_d20():
 @pytest.mark.parametrize("name,kw", [("ring8", {}), ("anisotropic", {"d": 20})])
 def test_agrees_with_the_density_formula_within_joint_stderr(name, kw):
     gm = mixture_preset(name, **kw)
-    x = _points(gm, 12, seed=5)
+    x = mixture_points(gm, 12, seed=5)
     a = elbo(gm.eps, x, n_t=256, seed=1)
     b = log_density(gm.eps, x, n_t=256, seed=2)
     joint = (a.stderr**2 + b.stderr**2).sqrt()
@@ -58,7 +49,7 @@ def test_agrees_with_the_density_formula_within_joint_stderr(name, kw):
 
 def test_without_variance_reduction_still_unbiased_but_noisier():
     gm = mixture_preset("ring8")
-    x = _points(gm, 16)
+    x = mixture_points(gm, 16)
     plain = elbo(gm.eps, x, n_t=128, importance="uniform", control_variate=None, seed=3)
     _within(plain, gm.log_prob(x))
     reduced = elbo(gm.eps, x, n_t=128, seed=3)
@@ -69,7 +60,7 @@ def test_without_variance_reduction_still_unbiased_but_noisier():
 def test_measures_the_model_not_the_data():
     data = mixture_preset("ring8")
     model = mixture_preset("blobs2d")
-    x = _points(data, 12)
+    x = mixture_points(data, 12)
     est = elbo(model.eps, x, n_t=128, seed=0)
     _within(est, model.log_prob(x))
     assert (model.log_prob(x) - data.log_prob(x)).abs().min() > 1.0  # the two densities really differ there
@@ -77,7 +68,7 @@ def test_measures_the_model_not_the_data():
 
 def test_independent_of_chunking_and_seeded():
     gm = mixture_preset("ring8")
-    x = _points(gm, 5)
+    x = mixture_points(gm, 5)
     a = elbo(gm.eps, x, n_t=32, seed=4)
     b = elbo(gm.eps, x, n_t=32, seed=4, chunk_size=7)
     assert torch.allclose(a.logp, b.logp, atol=1e-10)
@@ -89,7 +80,7 @@ def test_independent_of_chunking_and_seeded():
 
 def test_float32_inputs_work():
     gm = mixture_preset("ring8")
-    x = _points(gm, 6).float()
+    x = mixture_points(gm, 6).float()
     est = elbo(gm.eps, x, n_t=64, seed=0)
     assert est.logp.dtype == torch.float64
     _within(est, gm.log_prob(x.double()), k=5.0)
@@ -97,7 +88,7 @@ def test_float32_inputs_work():
 
 def test_bad_input():
     gm = mixture_preset("ring8")
-    x = _points(gm, 4)
+    x = mixture_points(gm, 4)
     bad = x.clone()
     bad[2, 1] = float("nan")
     with pytest.raises(ValueError, match=r"rows \[2\]"):
@@ -140,15 +131,15 @@ def test_compare_runs_every_estimator_and_writes_json_and_png(tmp_path, capsys):
     assert ode["abs_err_per_dim"] < 0.05 and ode["vjp"] == 2 * ode["nfe"]
     # without an exact value (a trained model): no gap columns, no plot needed
     gm = mixture_preset("ring8")
-    res = compare_estimators(gm.eps, _points(gm, 3), None, suite=default_suite(2, "quick")[:1])
+    res = compare_estimators(gm.eps, mixture_points(gm, 3), None, suite=default_suite(2, "quick")[:1])
     assert "abs_err" not in res["rows"][0]
     with pytest.raises(ValueError, match="exact_logp"):
-        compare_estimators(gm.eps, _points(gm, 3), torch.zeros(2), suite=default_suite(2, "quick")[:1])
+        compare_estimators(gm.eps, mixture_points(gm, 3), torch.zeros(2), suite=default_suite(2, "quick")[:1])
 
 
 def test_example_ids_make_batches_reproduce_the_whole():
     gm = mixture_preset("ring8")
-    x = _points(gm, 6)
+    x = mixture_points(gm, 6)
     kw = {"n_t": 16, "importance": "uniform", "control_variate": "prior", "seed": 2}
     whole = elbo(gm.eps, x, **kw)
     part = elbo(gm.eps, x[3:5], example_ids=torch.tensor([3, 4]), **kw)
@@ -161,7 +152,7 @@ def test_example_ids_make_batches_reproduce_the_whole():
 def test_stderr_is_honest(probe):
     # z-scores (estimate - exact) / stderr over many points have unit spread when the standard errors are honest
     gm = mixture_preset("ring8")
-    x = _points(gm, 200, seed=3)
+    x = mixture_points(gm, 200, seed=3)
     est = elbo(gm.eps, x, n_t=64, probe=probe, seed=1)
     z = (est.logp - gm.log_prob(x)) / est.stderr
     assert 0.8 < float(z.std()) < 1.25

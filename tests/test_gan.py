@@ -8,13 +8,7 @@ import torch
 from scoredensity.apps.gan import gan_metrics, mmd2, regulariser_gradient, score_regulariser, train_gan
 from scoredensity.mixtures import mixture_preset
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _points(name: str, n: int = 5) -> torch.Tensor:

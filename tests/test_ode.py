@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import mixture_points
 
-from scoredensity.mixtures import GaussianMixture, mixture_preset
+from scoredensity.mixtures import mixture_preset
 from scoredensity.ode import ODESolverError, ode_log_likelihood
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _points(gm: GaussianMixture, n: int, seed: int = 1) -> torch.Tensor:
-    return gm.sample(n, generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_exact_trace_d2_within_solver_tolerance():
     gm = mixture_preset("ring8")
-    x = _points(gm, 16)
+    x = mixture_points(gm, 16)
     exact = gm.log_prob(x)
     loose = ode_log_likelihood(gm.eps, x, rtol=1e-4, atol=1e-4)
     tight = ode_log_likelihood(gm.eps, x, rtol=1e-7, atol=1e-7)
@@ -41,14 +32,14 @@ def test_exact_trace_d2_within_solver_tolerance():
 
 def test_exact_trace_d20():
     gm = mixture_preset("anisotropic", d=20)
-    x = _points(gm, 6)
+    x = mixture_points(gm, 6)
     est = ode_log_likelihood(gm.eps, x, rtol=1e-6, atol=1e-6)
     assert (est.logp - gm.log_prob(x)).abs().max() < 300 * 1e-6 * 30 + 1e-3
 
 
 def test_hutchinson_unbiased_with_honest_stderr():
     gm = mixture_preset("anisotropic", d=20)
-    x = _points(gm, 6, seed=2)
+    x = mixture_points(gm, 6, seed=2)
     est = ode_log_likelihood(gm.eps, x, trace="hutchinson", n_probes=6, rtol=1e-5, atol=1e-5, seed=3)
     err = est.logp - gm.log_prob(x)
     assert (err.abs() <= 4 * est.stderr + 1e-2).all(), (err, est.stderr)
@@ -59,18 +50,18 @@ def test_hutchinson_unbiased_with_honest_stderr():
 
 def test_fixed_grid_same_call_count_for_any_input():
     gm = mixture_preset("ring8")
-    a = ode_log_likelihood(gm.eps, _points(gm, 8), steps=100)
-    b = ode_log_likelihood(gm.eps, 3 * _points(gm, 3, seed=9), steps=100)
+    a = ode_log_likelihood(gm.eps, mixture_points(gm, 8), steps=100)
+    b = ode_log_likelihood(gm.eps, 3 * mixture_points(gm, 3, seed=9), steps=100)
     assert a.nfe == b.nfe == 4 * 100  # rk4: four stages per step, independent of the data
-    assert (a.logp - gm.log_prob(_points(gm, 8))).abs().max() < 1e-3
-    euler = ode_log_likelihood(gm.eps, _points(gm, 2), steps=10, method="euler")
+    assert (a.logp - gm.log_prob(mixture_points(gm, 8))).abs().max() < 1e-3
+    euler = ode_log_likelihood(gm.eps, mixture_points(gm, 2), steps=10, method="euler")
     assert euler.nfe == 10 and euler.info["method"] == "euler"
 
 
 def test_measures_the_model_not_the_data():
     data = mixture_preset("ring8")
     model = mixture_preset("blobs2d")
-    x = _points(data, 8)
+    x = mixture_points(data, 8)
     est = ode_log_likelihood(model.eps, x, rtol=1e-6, atol=1e-6)
     assert (est.logp - model.log_prob(x)).abs().max() < 1e-2
     assert (model.log_prob(x) - data.log_prob(x)).abs().min() > 1.0
@@ -79,18 +70,18 @@ def test_measures_the_model_not_the_data():
 def test_solver_failure_names_the_tolerance_and_does_not_hang():
     gm = mixture_preset("ring8")
     with pytest.raises(ODESolverError, match="rtol=1e-09"):
-        ode_log_likelihood(gm.eps, _points(gm, 4), rtol=1e-9, atol=1e-9, max_num_steps=5)
+        ode_log_likelihood(gm.eps, mixture_points(gm, 4), rtol=1e-9, atol=1e-9, max_num_steps=5)
 
     def stiff(x_t, t):  # a wildly oscillating eps: the step size underflows or the step cap is hit
         return torch.sin(1e9 * x_t * t[:, None])
 
     with pytest.raises(ODESolverError, match="relax the tolerance"):
-        ode_log_likelihood(stiff, _points(gm, 2), max_num_steps=200)
+        ode_log_likelihood(stiff, mixture_points(gm, 2), max_num_steps=200)
 
 
 def test_bad_input():
     gm = mixture_preset("ring8")
-    x = _points(gm, 3)
+    x = mixture_points(gm, 3)
     bad = x.clone()
     bad[1, 0] = float("inf")
     with pytest.raises(ValueError, match=r"rows \[1\]"):
@@ -113,7 +104,7 @@ def test_bad_input():
 
 def test_example_ids_key_the_probes():
     gm = mixture_preset("ring8")
-    x = _points(gm, 5)
+    x = mixture_points(gm, 5)
     kw = {"trace": "hutchinson", "n_probes": 2, "steps": 20, "seed": 1}
     whole = ode_log_likelihood(gm.eps, x, **kw)
     part = ode_log_likelihood(gm.eps, x[1:3], example_ids=torch.tensor([1, 2]), **kw)

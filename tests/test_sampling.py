@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_bound import gaussian_law, switched_eps
+from helpers import gaussian_law, switched_eps
 
 from scoredensity.mixtures import mixture_preset
 from scoredensity.ode import ODESolverError
@@ -22,12 +22,7 @@ RING8_STEPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("sampler,eta", list(RING8_STEPS))
@@ -51,7 +46,7 @@ def test_ring8_component_masses(sampler, eta):
 )
 def test_time_inconsistent_model_laws(sampler, eta, steps):
     # eps switches between two Gaussians' exact eps at t = 1/2: the reverse SDE (eta = 1) and the ODE (eta = 0) are
-    # linear, and their laws at lam_max are the Gaussians of the moment ODEs (solved with scipy in test_bound).
+    # linear, and their laws at lam_max are the Gaussians of the moment ODEs (solved with scipy in helpers).
     # The jump of eps at lam = 0 makes every first-order step a O(dlam) error (measured: halves with the steps)
     lam_min, lam_max = -15.0, 15.0
     m, c = gaussian_law(eta or 0.0, lam_min=lam_min, lam_max=lam_max)
