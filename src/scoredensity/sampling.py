@@ -21,6 +21,7 @@ whole line, DESIGN.md §1, :mod:`scoredensity.mathutil`) on a uniform grid from 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -67,6 +68,33 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
 
 
+def _reverse_family_loop(
+    noise: Tensor,
+    steps: int,
+    eta: float,
+    generator: torch.Generator | None,
+    lam_min: float,
+    lam_max: float,
+    step: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+) -> Tensor:
+    """The loop shared by the first-order samplers of the reverse-time family on a uniform log-SNR grid.
+
+    ``step(x, lam_s, lam_t)`` maps the float64 state [N, *shape] at ``lam_s`` to the mean [N, *shape] and the
+    standard deviation (a float64 scalar) of the state at ``lam_t``; the noise is drawn from ``generator`` only
+    when ``eta > 0``. Returns the state at ``lam_max`` in ``noise``'s dtype.
+    """
+    x = _check_noise(noise)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    grid = logsnr_grid(steps, lam_min, lam_max)
+    xd = x.to(torch.float64)
+    for lam_s, lam_t in zip(grid[:-1], grid[1:], strict=True):
+        xd, std = step(xd, lam_s, lam_t)
+        if eta > 0:
+            xd = xd + std * _randn_like(xd, generator)
+    return xd.to(x.dtype)
+
+
 @torch.no_grad()
 def sample_ddim(
     eps_fn: EpsFn,
@@ -92,24 +120,18 @@ def sample_ddim(
     Returns:
         [N, *shape] samples at ``lam_max`` in ``noise``'s dtype.
     """
-    x = _check_noise(noise)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    grid = logsnr_grid(steps, lam_min, lam_max)
-    n = x.shape[0]
-    xd = x.to(torch.float64)
-    for lam_s, lam_t in zip(grid[:-1], grid[1:], strict=True):
-        t_s = torch.sigmoid(-lam_s).expand(n).to(x.device)
-        eps = call_eps(eps_fn, xd.to(x.dtype), t_s).to(torch.float64)
+
+    def step(xd: Tensor, lam_s: Tensor, lam_t: Tensor) -> tuple[Tensor, Tensor]:
+        t_s = torch.sigmoid(-lam_s).expand(xd.shape[0]).to(xd.device)
+        eps = call_eps(eps_fn, xd.to(noise.dtype), t_s).to(torch.float64)
         a_s, s_s = torch.sigmoid(lam_s).sqrt(), torch.sigmoid(-lam_s).sqrt()
         a_t, s_t = torch.sigmoid(lam_t).sqrt(), torch.sigmoid(-lam_t).sqrt()
         x0 = (xd - s_s * eps) / a_s
         c = eta * s_t * torch.sqrt(-torch.expm1(lam_s - lam_t))
         c = torch.minimum(c, s_t)  # eta > 1 cannot exceed the total noise budget
-        xd = a_t * x0 + torch.sqrt(s_t**2 - c**2) * eps
-        if eta > 0:
-            xd = xd + c * _randn_like(xd, generator)
-    return xd.to(x.dtype)
+        return a_t * x0 + torch.sqrt(s_t**2 - c**2) * eps, c
+
+    return _reverse_family_loop(noise, steps, eta, generator, lam_min, lam_max, step)
 
 
 @torch.no_grad()
@@ -133,20 +155,13 @@ def sample_euler_maruyama(
     Returns:
         [N, *shape] samples at ``lam_max``.
     """
-    x = _check_noise(noise)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    grid = logsnr_grid(steps, lam_min, lam_max)
-    n = x.shape[0]
-    xd = x.to(torch.float64)
-    for lam_s, lam_t in zip(grid[:-1], grid[1:], strict=True):
-        lam_b = lam_s.expand(n).to(x.device)
-        eps = call_eps(eps_fn, xd.to(x.dtype), torch.sigmoid(-lam_b))
-        xd = xd + reverse_drift(xd, eps, lam_b, eta) * (lam_t - lam_s)
-        if eta > 0:
-            std = reverse_noise_std(lam_s, lam_t, eta)
-            xd = xd + std * _randn_like(xd, generator)
-    return xd.to(x.dtype)
+
+    def step(xd: Tensor, lam_s: Tensor, lam_t: Tensor) -> tuple[Tensor, Tensor]:
+        lam_b = lam_s.expand(xd.shape[0]).to(xd.device)
+        eps = call_eps(eps_fn, xd.to(noise.dtype), torch.sigmoid(-lam_b))
+        return xd + reverse_drift(xd, eps, lam_b, eta) * (lam_t - lam_s), reverse_noise_std(lam_s, lam_t, eta)
+
+    return _reverse_family_loop(noise, steps, eta, generator, lam_min, lam_max, step)
 
 
 @torch.no_grad()
