@@ -1,4 +1,5 @@
-"""Where ``compare`` and ``sample`` get their model: a mixture preset's exact eps, or a trained run folder."""
+"""What ``compare`` and ``sample`` share: where they get their model (a mixture preset's exact eps, or a trained
+run folder) and the ``--threads`` option."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ModelSource", "add_model_arguments", "model_source"]
+__all__ = ["ModelSource", "add_model_arguments", "model_source", "add_threads_argument", "apply_threads"]
 
 
 @dataclass
@@ -71,3 +72,14 @@ def model_source(args: argparse.Namespace) -> ModelSource:
         lambda n, seed: gm.sample(n, generator=torch.Generator().manual_seed(seed)),
         gm.log_prob,
     )
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch intra-op threads (0, the default, leaves torch's setting as it is)."""
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Apply :func:`add_threads_argument`'s ``--threads`` (nothing for 0)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._model_source import add_model_arguments, model_source
+from ._model_source import add_model_arguments, add_threads_argument, apply_threads, model_source
 
 NAME = "compare"
 HELP = "run every likelihood estimator on the same points: table, JSON and error-vs-cost plot"
@@ -279,15 +279,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", choices=["quick", "default", "full"], default="default", help="budgets per estimator")
     p.add_argument("--seed", type=int, default=0, help="seed of the test points")
     p.add_argument("--out", default=None, help="folder for compare.json and compare.png")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Draw test points from the preset, compare, print the table, write JSON and PNG."""
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     src = model_source(args)

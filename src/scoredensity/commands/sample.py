@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from ._model_source import add_model_arguments, model_source
+from ._model_source import add_model_arguments, add_threads_argument, apply_threads, model_source
 
 NAME = "sample"
 HELP = "draw samples from a model with a chosen sampler; write samples.npy and samples.png"
@@ -130,15 +130,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None, help="0: probability-flow ODE, 1: reverse SDE (ddim, em)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Sample from the preset's exact eps and write the outputs."""
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
     src = model_source(args)
