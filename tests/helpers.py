@@ -52,6 +52,30 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> su
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=e, timeout=300)
 
 
+def tiny_unet(seed: int = 0, channels: int = 1, out_mult: int = 1, perturb: bool = True):
+    """A small diffusers ``UNet2DModel`` for 8x8 images with ``channels`` channels (``channels * out_mult`` out), in
+    eval mode, its initial weights drawn with ``torch.manual_seed(seed)``. ``perturb`` adds 0.05 N(0, 1) to every
+    weight, so the random network is non-trivial everywhere (diffusers zero-inits some layers)."""
+    from diffusers import UNet2DModel  # optional dependency: imported only by the tests that use it
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=channels,
+        out_channels=channels * out_mult,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    if perturb:
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
 def switched_eps(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Exact eps of GAUSS_A for t < 1/2 and of GAUSS_B for t >= 1/2 (time-inconsistent)."""
     early = (t < 0.5)[:, None]

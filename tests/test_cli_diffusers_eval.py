@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from helpers import tiny_unet
 
 from scoredensity.cli import main
 
@@ -12,17 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def _pipeline(path):
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_unet(perturb=False)
     sched = diffusers.DDPMScheduler(num_train_timesteps=100, beta_start=1e-4, beta_end=0.2)
     diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path)
 

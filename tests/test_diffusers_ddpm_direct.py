@@ -4,28 +4,11 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 
 from scoredensity import DiffusersEps, ddpm_elbo  # noqa: E402
-
-
-def _tiny_unet():
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return unet.eval().requires_grad_(False)
 
 
 def _log_discretized(x, mean, sd, levels=256):
@@ -76,7 +59,7 @@ def _direct_elbo(unet, betas, x, n_draws, gen):
 
 
 def test_ddpm_elbo_through_the_adapter_equals_a_direct_computation():
-    unet = _tiny_unet()
+    unet = tiny_unet().requires_grad_(False)
     sched = diffusers.DDPMScheduler(num_train_timesteps=10, beta_start=1e-3, beta_end=0.3, variance_type="fixed_large")
     eps = DiffusersEps(unet, sched.config)
     gen = torch.Generator().manual_seed(1)

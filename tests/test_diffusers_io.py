@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from helpers import tiny_unet
 from torch import nn
 
 from scoredensity.adapters import DiffusersEps, betas_from_scheduler_config, eps_from
@@ -47,36 +48,18 @@ def test_scheduler_object_is_read_like_its_config():
     assert torch.equal(model.times, want)
 
 
-def _tiny_unet(seed: int = 0, channels: int = 1, out_mult: int = 1) -> UNet2DModel:
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=channels,
-        out_channels=channels * out_mult,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    with torch.no_grad():  # make the random network non-trivial everywhere (diffusers zero-inits some layers)
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return unet.eval()
-
-
 SCHED = {"num_train_timesteps": 100, "beta_start": 1e-4, "beta_end": 0.1, "prediction_type": "epsilon"}
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(unet=_tiny_unet(), scheduler=DDPMScheduler(**SCHED)).save_pretrained(path)
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(**SCHED)).save_pretrained(path)
     return path
 
 
 def test_load_pipeline_folder_equals_model_at_grid(pipeline_dir):
-    ref = _tiny_unet()
+    ref = tiny_unet()
     eps_fn = load_diffusers_eps(pipeline_dir)
     assert eps_fn.timesteps == "interpolated" and eps_fn.num_train_timesteps == 100
     assert eps_fn.source["model_class"] == "UNet2DModel"
@@ -148,7 +131,7 @@ class _VFromEps(nn.Module):
 
 
 def test_v_and_epsilon_encodings_give_the_same_log_likelihood():
-    unet = _tiny_unet(seed=3)
+    unet = tiny_unet(seed=3)
     eps_model = DiffusersEps(unet, SCHED)
     v_model = DiffusersEps(_VFromEps(unet, eps_model.schedule), dict(SCHED, prediction_type="v_prediction"))
     g = torch.Generator().manual_seed(4)
@@ -164,7 +147,7 @@ def test_v_and_epsilon_encodings_give_the_same_log_likelihood():
 
 
 def test_export_diffusers_eps_round_trip(tmp_path):
-    unet = _tiny_unet(seed=5)
+    unet = tiny_unet(seed=5)
     model = DiffusersEps(unet, dict(SCHED, prediction_type="v_prediction"))
     out = save_diffusers(model, tmp_path / "export")
     pipe = DDPMPipeline.from_pretrained(out, local_files_only=True)
@@ -180,7 +163,7 @@ def test_export_diffusers_eps_round_trip(tmp_path):
 
 def test_export_bare_unet_needs_its_schedule(tmp_path):
     with pytest.raises(ValueError, match="needs scheduler="):
-        save_diffusers(_tiny_unet(), tmp_path / "x")
+        save_diffusers(tiny_unet(), tmp_path / "x")
     with pytest.raises(TypeError, match="cannot export"):
         save_diffusers(object(), tmp_path / "y")
 
