@@ -33,7 +33,13 @@ import torch
 from torch import Tensor
 
 from .epsfn import EpsFn, call_eps, check_data
-from .formula import _example_generator, _resolve_control_variate, end_terms, integrate_expected_error
+from .formula import (
+    _example_generator,
+    _resolve_control_variate,
+    control_variate_integral,
+    end_terms,
+    stratified_mean_and_var,
+)
 from .logdensity import LogDensity
 from .mathutil import PROBES, divergence, make_probes, reverse_drift_divergence
 from .mixtures import GaussianMixture
@@ -52,8 +58,13 @@ class _StdNormal:
 
     @staticmethod
     def expected_denoising_error(x: Tensor, t: Tensor) -> Tensor:
+        return _StdNormal.expected_denoising_error_fn(x)(t)
+
+    @staticmethod
+    def expected_denoising_error_fn(x: Tensor):
         xf = x.flatten(1).to(torch.float64)
-        return xf.shape[1] * (1 - t) ** 2 + t * (1 - t) * xf.pow(2).sum(1)
+        d, sq = xf.shape[1], xf.pow(2).sum(1)
+        return lambda t: d * (1 - t) ** 2 + t * (1 - t) * sq
 
 
 def _integrand(
@@ -219,17 +230,10 @@ def elbo(
         z = torch.cat(zs)  # [b' n_t, *shape]
         probes = None if probe == "exact" else torch.cat(prs, dim=1)  # [n_p, b' n_t, *shape]
         f = evaluate(idx.repeat_interleave(n_t), lam.flatten(), z, probes).reshape(len(idx), n_t)
-        vals = (f / proposal.pdf(lam)).reshape(len(idx), strata, 2)
-        integral[idx] = vals.mean((1, 2))
-        var[idx] = ((vals[:, :, 0] - vals[:, :, 1]) ** 2 / 4).sum(1) / strata**2
+        integral[idx], var[idx] = stratified_mean_and_var((f / proposal.pdf(lam)).reshape(len(idx), strata, 2))
 
     if gauss is not None:
-        integral = (
-            integral
-            + integrate_expected_error(
-                gauss.expected_denoising_error, x_cpu.flatten(1), lam_min=lam_min, lam_max=lam_max
-            ).terms["integral"]
-        )
+        integral = integral + control_variate_integral(gauss, x_cpu.flatten(1), lam_min, lam_max)
     noisy, clean = end_terms(x_cpu, lam_min, lam_max)
     nfe = n_t + pilot_rows / b
     vjp = nfe * vjp_per_row

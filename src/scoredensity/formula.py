@@ -145,6 +145,23 @@ def integrate_expected_error(
     )
 
 
+def control_variate_integral(gauss, x: Tensor, lam_min: float, lam_max: float) -> Tensor:
+    """Exact ``1/2 ∫ [d sigmoid(lam) - E_z||z - eps_G||^2] dlam`` [B] of a control variate with closed-form
+    denoising error (``gauss.expected_denoising_error_fn(x)`` gives it as a function of ``t``), by
+    :func:`integrate_expected_error`: what the estimators add back after subtracting the control variate."""
+    error_at = gauss.expected_denoising_error_fn(x)
+    return integrate_expected_error(lambda _x, t: error_at(t), x, lam_min=lam_min, lam_max=lam_max).terms["integral"]
+
+
+def stratified_mean_and_var(pairs: Tensor) -> tuple[Tensor, Tensor]:
+    """Estimate and variance from ``pairs`` [B, S, 2]: two independent draws in each of S equal-mass strata.
+
+    The mean over strata of the pair means; the variance of that estimate, ``sum_s (g_s1 - g_s2)^2 / 4 / S^2``
+    (each stratum's variance from its own two draws, so the standard error is honest)."""
+    strata = pairs.shape[1]
+    return pairs.mean(2).mean(1), ((pairs[:, :, 0] - pairs[:, :, 1]) ** 2 / 4).sum(1) / strata**2
+
+
 def _example_generator(seed: int, index: int, stream: int) -> torch.Generator:
     """A generator keyed by (seed, example index, stream), so results do not depend on chunking."""
     h = hashlib.blake2b(f"{seed}/{index}/{stream}".encode(), digest_size=8).digest()
@@ -388,10 +405,7 @@ def _integrate_block(
 
     # combine per scheme; the variance comes from independent randomisations
     if scheme == "stratified":
-        pairs = g_val.mean(2).reshape(b, n_t // 2, 2)
-        strata = n_t // 2
-        integral = pairs.mean(2).mean(1)
-        var = ((pairs[:, :, 0] - pairs[:, :, 1]) ** 2 / 4).sum(1) / strata**2
+        integral, var = stratified_mean_and_var(g_val.mean(2).reshape(b, n_t // 2, 2))
     elif scheme == "mc":
         draws = g_val.mean(2)  # the n_z draws at one node share lam: average them first
         integral = draws.mean(1)
@@ -551,10 +565,7 @@ def log_density(
         )
 
     if gauss is not None:
-        exact_g = integrate_expected_error(
-            gauss.expected_denoising_error, x.flatten(1), lam_min=lam_min, lam_max=lam_max
-        )
-        integral = integral + exact_g.terms["integral"]
+        integral = integral + control_variate_integral(gauss, x.flatten(1), lam_min, lam_max)
     noisy, clean = end_terms(x, lam_min, lam_max)
     nfe = n_t * n_z + pilot_calls / b
     if decoder == "discretized":

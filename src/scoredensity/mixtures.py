@@ -223,14 +223,24 @@ class GaussianMixture:
         For ``N(m, S)`` with ``S = U diag(s) U^T``, ``A = (1-t) S + t I`` and ``u = U^T (x - m)``:
         ``sum_i ((1-t) s_i / A_i)^2 + t (1-t) sum_i u_i^2 / A_i^2``.
         """
+        return self.expected_denoising_error_fn(x)(t)
+
+    def expected_denoising_error_fn(self, x: Tensor):
+        """:meth:`expected_denoising_error` at fixed ``x`` [B, d] as a function of ``t`` alone: the projection
+        ``u = U^T (x - m)`` (the O(B d^2) part) is done once, each ``t`` then costs O(B d)."""
         if self.num_components != 1:
             raise ValueError("the closed-form denoising error exists for a single Gaussian only")
         x = self._check_x(x).to(torch.float64)
-        t = self._check_t(t, x.shape[0])
-        u = (x - self.means[0]) @ self.evecs[0]  # [B, d]
-        a2 = (1 - t)[:, None]
-        var = a2 * self.evals[0] + t[:, None]
-        return ((a2 * self.evals[0] / var) ** 2).sum(1) + (t * (1 - t)) * (u**2 / var**2).sum(1)
+        u2 = ((x - self.means[0]) @ self.evecs[0]) ** 2  # [B, d]
+        s = self.evals[0]
+
+        def error_at(t: Tensor | float) -> Tensor:
+            t = self._check_t(t, x.shape[0])
+            a2 = (1 - t)[:, None]
+            var = a2 * s + t[:, None]
+            return ((a2 * s / var) ** 2).sum(1) + (t * (1 - t)) * (u2 / var**2).sum(1)
+
+        return error_at
 
 
 # ---------------------------------------------------------------------- presets
