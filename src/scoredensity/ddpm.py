@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .epsfn import EpsFn, call_eps, check_data
-from .formula import _example_generator
+from .formula import example_generator
 from .logdensity import LogDensity
 from .schedules import DDPMSchedule
 
@@ -217,7 +217,7 @@ def ddpm_elbo(
         idx = torch.arange(s0, min(s0 + block, b))
         ks, zs, zd = [], [], []
         for i in keys[idx].tolist():
-            g = _example_generator(seed, i, 5)
+            g = example_generator(seed, i, 5)
             zd.append(torch.randn((decoder_draws, *shape), generator=g, dtype=torch.float64))
             if n_steps_sampled is None:
                 ks.append(torch.arange(1, T).repeat_interleave(n_z))

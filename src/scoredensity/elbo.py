@@ -34,10 +34,10 @@ from torch import Tensor
 
 from .epsfn import EpsFn, call_eps, check_data
 from .formula import (
-    _example_generator,
     _resolve_control_variate,
     control_variate_integral,
     end_terms,
+    example_generator,
     stratified_mean_and_var,
 )
 from .logdensity import LogDensity
@@ -197,7 +197,7 @@ def elbo(
     elif importance == "uniform":
         proposal = LambdaProposal.uniform(lam_min, lam_max)
     elif importance == "adaptive":
-        g = _example_generator(seed, -1, 11)
+        g = example_generator(seed, -1, 11)
         pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique()
         m = len(pick)
         u = torch.arange(pilot_nodes, dtype=torch.float64)[None] + torch.rand(
@@ -220,7 +220,7 @@ def elbo(
         idx = torch.arange(s0, min(s0 + per_block, b))
         us, zs, prs = [], [], []
         for i in keys[idx].tolist():
-            g = _example_generator(seed, i, 1)
+            g = example_generator(seed, i, 1)
             offsets = torch.rand(n_t, generator=g, dtype=torch.float64)
             us.append((torch.arange(strata, dtype=torch.float64).repeat_interleave(2) + offsets) / strata)
             z_i, pr_i = draw(n_t, g)

@@ -40,6 +40,10 @@ from .proposals import LambdaProposal
 
 __all__ = [
     "log_density",
+    "fit_proposal",
+    "control_variate_integral",
+    "stratified_mean_and_var",
+    "example_generator",
     "end_terms",
     "integrate_expected_error",
     "formula_integrand",
@@ -162,8 +166,11 @@ def stratified_mean_and_var(pairs: Tensor) -> tuple[Tensor, Tensor]:
     return pairs.mean(2).mean(1), ((pairs[:, :, 0] - pairs[:, :, 1]) ** 2 / 4).sum(1) / strata**2
 
 
-def _example_generator(seed: int, index: int, stream: int) -> torch.Generator:
-    """A generator keyed by (seed, example index, stream), so results do not depend on chunking."""
+def example_generator(seed: int, index: int, stream: int) -> torch.Generator:
+    """A ``torch.Generator`` keyed by (seed, example index, stream), so results do not depend on chunking.
+
+    Every estimator draws an example's randomness from its own key; distinct ``stream`` numbers keep the
+    draws of different estimators (and of the pilot, index -1) apart."""
     h = hashlib.blake2b(f"{seed}/{index}/{stream}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
 
@@ -278,7 +285,7 @@ def _discretized_clean_end(
     log_sd = -0.5 * lam  # sd^2 = t / (1 - t) = e^{-lam}
     zs = torch.stack(
         [
-            torch.randn((draws, *x.shape[1:]), generator=_example_generator(seed, i, 2), dtype=torch.float64)
+            torch.randn((draws, *x.shape[1:]), generator=example_generator(seed, i, 2), dtype=torch.float64)
             for i in keys.tolist()
         ]
     )  # [B, draws, *shape]
@@ -312,7 +319,7 @@ def _fit_proposal(
     """Pilot run: ``pilot_nodes`` stratified-uniform log-SNR draws on up to ``pilot_examples`` evenly spaced
     examples; returns the fitted proposal and the number of ``eps_fn`` calls spent."""
     pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique()
-    g = _example_generator(seed, -1, 7)
+    g = example_generator(seed, -1, 7)
     m = len(pick)
     u = (
         torch.arange(pilot_nodes, dtype=torch.float64)[None]
@@ -376,7 +383,7 @@ def _integrate_block(
     b = len(idx)
     us, zs = [], []
     for i in keys[idx].tolist():
-        g = _example_generator(seed, i, 0)
+        g = example_generator(seed, i, 0)
         if scheme == "stratified":
             strata = n_t // 2
             u = (

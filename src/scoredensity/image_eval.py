@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .ddpm import ddpm_elbo
 from .epsfn import EpsFn
-from .formula import _example_generator, fit_proposal, log_density
+from .formula import example_generator, fit_proposal, log_density
 from .schedules import DDPMSchedule, logsnr_from_t
 
 __all__ = ["evaluate_images", "IMAGE_METHODS", "data_hash"]
@@ -66,7 +66,7 @@ def _gather(local: dict[str, Tensor], idx: Tensor, n: int, world: int) -> dict[s
 
 def _dequantize(k: Tensor, ids: Tensor, levels: int, seed: int) -> Tensor:
     u = torch.stack(
-        [torch.rand(k.shape[1:], generator=_example_generator(seed, i, 9), dtype=torch.float64) for i in ids.tolist()]
+        [torch.rand(k.shape[1:], generator=example_generator(seed, i, 9), dtype=torch.float64) for i in ids.tolist()]
     )
     return (2 * (k.to(torch.float64) + u - 0.5) / (levels - 1) - 1).float()
 

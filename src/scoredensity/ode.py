@@ -31,7 +31,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from .epsfn import EpsFn, call_eps, check_data
-from .formula import _example_generator
+from .formula import example_generator
 from .logdensity import LogDensity
 from .mathutil import PROBES, divergence, make_probes, reverse_drift, reverse_drift_divergence, std_normal_logp
 
@@ -146,7 +146,7 @@ def ode_log_likelihood(
     if trace == "hutchinson":
         probes = torch.stack(
             [
-                make_probes(x[i : i + 1], n_probes, probe, _example_generator(seed, int(k), 3))[:, 0]
+                make_probes(x[i : i + 1], n_probes, probe, example_generator(seed, int(k), 3))[:, 0]
                 for i, k in enumerate(keys.tolist())
             ],
             dim=1,
