@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor
 
+from .schedules import batch_expand
+
 __all__ = [
     "std_normal_logp",
     "reverse_drift",
@@ -36,11 +38,6 @@ __all__ = [
 
 PROBES = ("rademacher", "gaussian")
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def _expand(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-example vector [B] to broadcast against ``like`` [B, *shape]."""
-    return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
 
 
 def std_normal_logp(x: Tensor) -> Tensor:
@@ -61,7 +58,7 @@ def reverse_drift(x: Tensor, eps: Tensor, lam: Tensor, eta: float = 0.0) -> Tens
     Returns:
         [B, *shape] ``dx/dlam`` in ``x``'s dtype (integrate with increasing ``lam`` to go towards the data).
     """
-    t = _expand(torch.sigmoid(-lam), x)
+    t = batch_expand(torch.sigmoid(-lam), x)
     out = 0.5 * t * x.to(torch.float64) - 0.5 * (1 + eta**2) * t.sqrt() * eps.to(torch.float64)
     return out.to(x.dtype)
 

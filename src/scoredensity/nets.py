@@ -26,13 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .schedules import batch_expand
+
 __all__ = ["MLPDenoiser", "UNetDenoiser", "build_denoiser", "denoiser_config", "eval_eps_fn", "TimeEmbedding"]
 
 LAM_SCALE = 8.0  # log-SNR fed to the network as lam / LAM_SCALE
-
-
-def _expand(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
 
 
 class TimeEmbedding(nn.Module):
@@ -102,11 +100,13 @@ class _Denoiser(nn.Module):
         a2, sg2 = torch.sigmoid(lam), torch.sigmoid(-lam)  # 1 - t, t, stable for |lam| large
         c_in = torch.rsqrt(a2 * s2 + sg2)
         x32 = x_t.to(torch.float32)
-        out = self._backbone(x32 * _expand(c_in, x32).to(torch.float32), lam, y)
+        out = self._backbone(x32 * batch_expand(c_in, x32).to(torch.float32), lam, y)
         if self.config.get("param", "v") == "eps":
             return out.to(x_t.dtype)
         c_out = torch.sqrt(a2 + sg2 * s2)
-        eps = _expand(sg2.sqrt(), x_t) * x_t.to(torch.float64) + _expand(a2.sqrt() * c_out, x_t) * out.to(torch.float64)
+        eps = batch_expand(sg2.sqrt(), x_t) * x_t.to(torch.float64) + batch_expand(a2.sqrt() * c_out, x_t) * out.to(
+            torch.float64
+        )
         return eps.to(x_t.dtype)
 
     def _label_embedding(self, y: Tensor | None, batch: int, device) -> Tensor | None:

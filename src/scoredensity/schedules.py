@@ -28,6 +28,7 @@ __all__ = [
     "drift",
     "diffusion_squared",
     "add_noise",
+    "batch_expand",
     "VPLinearClock",
     "CosineClock",
     "VEClock",
@@ -66,7 +67,7 @@ def alpha_sigma(t: Tensor) -> tuple[Tensor, Tensor]:
 def drift(x: Tensor, t: Tensor) -> Tensor:
     """Forward SDE drift ``f(x, t) = -x / (2 (1 - t))``; ``t`` is [B] and broadcasts over x's trailing dims."""
     t = _as_tensor(t)
-    return -x / (2 * _expand(1 - t, x))
+    return -x / (2 * batch_expand(1 - t, x))
 
 
 def diffusion_squared(t: Tensor) -> Tensor:
@@ -78,11 +79,11 @@ def diffusion_squared(t: Tensor) -> Tensor:
 def add_noise(x: Tensor, z: Tensor, t: Tensor) -> Tensor:
     """``x_t = sqrt(1 - t) x + sqrt(t) z`` with per-example ``t`` [B] broadcast over ``x`` [B, *shape]."""
     a, s = alpha_sigma(t)
-    return _expand(a, x).to(x.dtype) * x + _expand(s, x).to(x.dtype) * z
+    return batch_expand(a, x).to(x.dtype) * x + batch_expand(s, x).to(x.dtype) * z
 
 
-def _expand(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-example vector [B] to broadcast against ``like`` [B, *shape]."""
+def batch_expand(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-example vector [B] to broadcast against ``like`` [B, *shape] (the one such helper)."""
     return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
 
 
