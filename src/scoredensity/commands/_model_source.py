@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ModelSource", "add_model_arguments", "model_source", "add_threads_argument", "apply_threads"]
+from ._common import training_lam_range
+
+__all__ = ["ModelSource", "add_model_arguments", "model_source"]
 
 
 @dataclass
@@ -46,9 +48,7 @@ def model_source(args: argparse.Namespace) -> ModelSource:
         from ..checkpoint import load_run
 
         model, config, ds = load_run(args.run_dir)
-        tr = config["train"]
-        lam_min = tr["lam_min"] if args.lam_min is None else args.lam_min
-        lam_max = tr["lam_max"] if args.lam_max is None else args.lam_max
+        lam_min, lam_max = training_lam_range(config, args.lam_min, args.lam_max)
 
         def points(n: int, seed: int) -> Tensor:
             x = ds.x_test[:n]
@@ -72,14 +72,3 @@ def model_source(args: argparse.Namespace) -> ModelSource:
         lambda n, seed: gm.sample(n, generator=torch.Generator().manual_seed(seed)),
         gm.log_prob,
     )
-
-
-def add_threads_argument(p: argparse.ArgumentParser) -> None:
-    """``--threads N``: torch intra-op threads (0, the default, leaves torch's setting as it is)."""
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-
-
-def apply_threads(args: argparse.Namespace) -> None:
-    """Apply :func:`add_threads_argument`'s ``--threads`` (nothing for 0)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)

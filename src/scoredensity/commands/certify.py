@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ._common import add_threads_argument, apply_threads
+
 NAME = "certify"
 HELP = "certify ELBO training: ELBO-fitted vs maximum-likelihood Gaussian mixtures, gap against T"
 
@@ -24,18 +26,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-init", type=int, default=8, help="EM initialisations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="certify_out", help="folder for the PNG and JSON (default certify_out)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the experiment; print the table and verdict. Returns the exit code."""
-    import torch
 
     from ..apps.certify import certify_data, certify_mixture, plot_gap
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if any(t < 2 for t in args.steps):
         raise ValueError(f"--steps must all be >= 2, got {args.steps}")
     k = args.k or {"blobs2d": 3, "ring8": 8, "grid25": 25}.get(args.data, 6)

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ._common import add_threads_argument, apply_threads
+
 NAME = "classify"
 HELP = "classify a run's held-out split with its class-conditional model (density formula per class)"
 
@@ -22,19 +24,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="estimator seed")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--out", default=None, help="confusion-matrix PNG (default DIR/confusion_<split>.png)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
     """Classify; print accuracy, ECE and the confusion matrix; save the PNG. Returns the exit code."""
-    import torch
 
     from ..apps.classifier import classify, confusion_matrix, expected_calibration_error
     from ..checkpoint import load_run
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     model, config, ds = load_run(args.run_dir, ema=not args.raw)
     k = int(config["net"].get("num_classes", 0))
     if k <= 0:

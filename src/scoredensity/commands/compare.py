@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._model_source import add_model_arguments, add_threads_argument, apply_threads, model_source
+from ._common import add_threads_argument, apply_threads
+from ._model_source import add_model_arguments, model_source
 
 NAME = "compare"
 HELP = "run every likelihood estimator on the same points: table, JSON and error-vs-cost plot"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._common import add_threads_argument, apply_threads, training_lam_range
+
 NAME = "evaluate"
 HELP = "held-out negative log-likelihood (nats, bits/dim) of a trained run by the density formula"
 
@@ -23,14 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam-max", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="estimator seed")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_diffusers_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; print the result. Returns the exit code."""
-    import torch
 
     if args.diffusers:
         if args.run_dir:
@@ -44,12 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_run
     from ..train import evaluate_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     model, config, dataset = load_run(args.run_dir, ema=not args.raw)
-    tr = config["train"]
-    lam_min = tr["lam_min"] if args.lam_min is None else args.lam_min
-    lam_max = tr["lam_max"] if args.lam_max is None else args.lam_max
+    lam_min, lam_max = training_lam_range(config, args.lam_min, args.lam_max)
     res = evaluate_model(
         model,
         dataset,

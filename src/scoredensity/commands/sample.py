@@ -11,7 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from ._model_source import add_model_arguments, add_threads_argument, apply_threads, model_source
+from ._common import add_threads_argument, apply_threads
+from ._model_source import add_model_arguments, model_source
 
 NAME = "sample"
 HELP = "draw samples from a model with a chosen sampler; write samples.npy and samples.png"
