@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .data.dataset import levels_to_unit_scale
 from .ddpm import ddpm_elbo
 from .epsfn import EpsFn
 from .formula import example_generator, fit_proposal, log_density
@@ -68,7 +69,7 @@ def _dequantize(k: Tensor, ids: Tensor, levels: int, seed: int) -> Tensor:
     u = torch.stack(
         [torch.rand(k.shape[1:], generator=example_generator(seed, i, 9), dtype=torch.float64) for i in ids.tolist()]
     )
-    return (2 * (k.to(torch.float64) + u - 0.5) / (levels - 1) - 1).float()
+    return levels_to_unit_scale(k, levels, u).float()
 
 
 def _summary(vals: dict[str, Tensor], d: int, kind: str, nfe: float, levels: int, extra: dict) -> dict:
@@ -166,7 +167,7 @@ def evaluate_images(
     rank, world = _dist()
     if n < world:
         raise ValueError(f"{n} images cannot be sharded over {world} processes")
-    grid = lambda k: (2 * k.to(torch.float64) / (levels - 1) - 1).float()  # noqa: E731
+    grid = lambda k: levels_to_unit_scale(k, levels).float()  # noqa: E731
     # one proposal for every batch and process: fitted on the same first examples everywhere
     proposal = fit_proposal(
         eps_fn,

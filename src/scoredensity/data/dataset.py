@@ -45,10 +45,19 @@ __all__ = [
     "batch_indices",
     "iterate_batches",
     "array_sha256",
+    "levels_to_unit_scale",
 ]
 
 LOGIT_ALPHA = 0.05
 """Default ``alpha`` of the logit transform (sdeflow-light, Real NVP)."""
+
+
+def levels_to_unit_scale(k: Tensor, levels: int, u: Tensor | float = 0.5) -> Tensor:
+    """Integer levels ``k`` in 0..L-1 to the [-1, 1] scale (DESIGN.md units): ``x = 2(k + u - 1/2)/(L-1) - 1``.
+
+    ``u = 1/2`` gives the bin centres ``2k/(L-1) - 1``; ``u ~ U[0, 1)`` is uniform dequantisation. float64.
+    """
+    return 2 * (k.to(torch.float64) + u - 0.5) / (levels - 1) - 1
 
 
 class DataError(ValueError):
@@ -190,7 +199,7 @@ class Dataset:
         else:
             u = torch.full_like(k, 0.5)
         if self.logit_alpha is None:
-            return (2 * (k + u - 0.5) / (L - 1) - 1).to(torch.float32)
+            return levels_to_unit_scale(k, L, u).to(torch.float32)
         return self._logit((k + u) / L).to(torch.float32)
 
     def from_data(self, x_data: Tensor) -> Tensor:
