@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..ddpm import VARIANCES
 from ..formula import end_terms
 from ..mixtures import GaussianMixture
 from ..proposals import LambdaProposal
@@ -74,7 +75,6 @@ __all__ = [
     "VARIANCES",
 ]
 
-VARIANCES = ("fixed_large", "fixed_small")
 _LOG_2PI = math.log(2 * math.pi)
 
 
