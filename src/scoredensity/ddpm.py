@@ -29,6 +29,7 @@ import math
 import torch
 from torch import Tensor
 
+from .decoders import discretized_gaussian_log_likelihood, prior_kl
 from .epsfn import EpsFn, call_eps, check_data
 from .formula import example_generator
 from .logdensity import LogDensity
@@ -39,32 +40,6 @@ __all__ = ["ddpm_elbo", "discretized_gaussian_log_likelihood", "VARIANCES", "DEC
 VARIANCES = ("fixed_large", "fixed_small")
 DECODERS = ("gaussian", "discretized")
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def _log_diff_ndtr(hi: Tensor, lo: Tensor) -> Tensor:
-    """``log(Phi(hi) - Phi(lo))`` for ``hi > lo``, stable in both tails (mirrors to the left tail)."""
-    flip = lo > 0
-    a = torch.where(flip, -hi, lo)
-    b = torch.where(flip, -lo, hi)  # now Phi(b) - Phi(a) with a <= 0 or both left of 0
-    lb, la = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
-    return lb + torch.log1p(-torch.exp((la - lb).clamp(max=0)).clamp(max=1 - 1e-16))
-
-
-def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor | float, levels: int) -> Tensor:
-    """Log-probability [B] (nats) of data on ``levels`` levels scaled to [-1, 1] under a Gaussian discretised to
-    the bins ``x ± 1/(levels - 1)`` (outermost bins extended to ±inf), as DDPM's decoder.
-
-    Args:
-        x: [B, *shape] data in [-1, 1] (ideally on the grid ``2k/(levels-1) - 1``).
-        mean: [B, *shape] decoder mean. log_scale: standard deviation's log (scalar or broadcastable).
-    """
-    xf = x.flatten(1).to(torch.float64)
-    m = mean.flatten(1).to(torch.float64)
-    inv_s = torch.exp(-torch.as_tensor(log_scale, dtype=torch.float64))
-    half = 1.0 / (levels - 1)
-    hi = torch.where(xf > 1 - half, torch.full_like(xf, math.inf), (xf - m + half) * inv_s)
-    lo = torch.where(xf < -1 + half, torch.full_like(xf, -math.inf), (xf - m - half) * inv_s)
-    return _log_diff_ndtr(hi, lo).sum(1)
 
 
 def _schedule(betas: Tensor | None, schedule: DDPMSchedule | None, alphas_cumprod: Tensor | None) -> DDPMSchedule:
@@ -267,8 +242,7 @@ def ddpm_elbo(
             diff_var[idx] = 0.0
 
     # ---- L_T = KL(N(sqrt(abar_T) x, t_T I) || N(0, I)) = 1/2 [abar_T ||x||^2 - d abar_T - d log t_T]
-    abar_T = torch.exp(log_abar[-1])
-    prior = -0.5 * (abar_T * x_cpu.flatten(1).to(torch.float64).pow(2).sum(1) - d * abar_T - d * torch.log(t[-1]))
+    prior = -prior_kl(x_cpu, torch.log(t[-1]), log_abar[-1])
     steps_eval = decoder_draws + ((T - 1) * n_z if n_steps_sampled is None else n_steps_sampled)
     return LogDensity(
         logp=prior + diffusion + dec,

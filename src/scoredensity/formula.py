@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .decoders import discretized_gaussian_log_likelihood, end_terms
 from .epsfn import EpsFn, call_eps, check_data
 from .logdensity import LogDensity
 from .mixtures import GaussianMixture
@@ -51,31 +52,7 @@ __all__ = [
 ]
 
 DEFAULT_LAM_RANGE = (-20.0, 20.0)
-_LOG_2PI_E = math.log(2 * math.pi * math.e)
 SCHEMES = ("stratified", "mc", "quadrature")
-
-
-def end_terms(x: Tensor, lam_min: float, lam_max: float) -> tuple[Tensor, Tensor]:
-    """Exact end terms of the truncated formula, per example (float64).
-
-    Args:
-        x: [B, *shape] data.
-        lam_min, lam_max: integration range in log-SNR.
-
-    Returns:
-        ``(noisy_end [B], clean_end [B])`` as defined in the module docstring.
-    """
-    xf = x.flatten(1).to(torch.float64)
-    d = xf.shape[1]
-    lo = torch.tensor(lam_min, dtype=torch.float64)
-    hi = torch.tensor(lam_max, dtype=torch.float64)
-    a2 = torch.sigmoid(lo)  # 1 - t_max
-    log_t = F.logsigmoid(-lo)  # log t_max
-    # KL(N(a x, t I) || N(0, I)) = 1/2 [a^2 ||x||^2 - d a^2 - d log t]   (using 1 - t = a^2)
-    kl = 0.5 * (a2 * xf.pow(2).sum(1) - d * a2 - d * log_t)
-    noisy = -kl + 0.5 * d * F.softplus(lo)
-    clean = torch.full_like(noisy, -0.5 * d * (_LOG_2PI_E + float(F.softplus(-hi))))
-    return noisy, clean
 
 
 def formula_integrand(z: Tensor, eps: Tensor, lam: Tensor, norm_z: bool = True) -> Tensor:
@@ -275,8 +252,6 @@ def _discretized_clean_end(
     ``(d/2) sigmoid(lam)`` that the integral term carries above ``lam_max``'s complement, so that the total is
     ``log P_dec - KL - 1/2 ∫ E||z - eps||^2 dlam`` with no ``(d/2) log(2 pi e)`` counted.
     """
-    from .ddpm import discretized_gaussian_log_likelihood  # local: ddpm builds on this module
-
     b = x.shape[0]
     d = x[0].numel()
     lam = torch.tensor(lam_max, dtype=torch.float64)

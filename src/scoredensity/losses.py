@@ -34,9 +34,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import rng
 from .epsfn import EpsFn
 from .formula import end_terms, formula_integrand
 from .proposals import LambdaProposal
+from .rng import Stream, philox4x32
 from .schedules import DDPMSchedule
 
 __all__ = [
@@ -53,66 +55,21 @@ __all__ = [
 
 WEIGHTINGS = ("elbo", "simple")
 LAM_SAMPLINGS = ("uniform", "t_uniform", "adaptive", "ddpm")
-_M32 = 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------------------------------- keyed randomness
-def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[int, int]) -> tuple[Tensor, ...]:
-    """Philox4x32-10 counter-based generator (Salmon et al. 2011, Random123), vectorised.
+def keyed_uniforms(seed: int, step: int, index: Tensor, n: int, stream: int = Stream.TRAIN_LAM) -> Tensor:
+    """Uniforms [B, n] float64 in (0, 1) keyed by ``(seed, step, index[b], stream)``, on ``index``'s device.
 
-    Args:
-        counter: four int64 tensors of equal shape holding uint32 values.
-        key: two uint32 ints.
-
-    Returns:
-        Four int64 tensors of uint32 random words (same shape as the counter).
-    """
-    c0, c1, c2, c3 = (c & _M32 for c in counter)
-    k0, k1 = key[0] & _M32, key[1] & _M32
-    for _ in range(10):
-        p0 = c0 * 0xD2511F53  # wraps in int64; the low 64 bits are exact
-        p1 = c2 * 0xCD9E8D57
-        hi0, lo0 = (p0 >> 32) & _M32, p0 & _M32
-        hi1, lo1 = (p1 >> 32) & _M32, p1 & _M32
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = (k0 + 0x9E3779B9) & _M32
-        k1 = (k1 + 0xBB67AE85) & _M32
-    return c0, c1, c2, c3
+    Kept for compatibility: the library draws through :mod:`scoredensity.rng` (same bits)."""
+    return rng.uniforms(seed, stream, index, n, step=step, device=torch.as_tensor(index).device)
 
 
-def _words(seed: int, step: int, index: Tensor, n_words: int, stream: int) -> Tensor:
-    """[B, n_words] int64 uint32 words keyed by (seed, stream, step, index, word position)."""
-    index = torch.as_tensor(index, dtype=torch.int64)
-    n_calls = (n_words + 3) // 4
-    j = torch.arange(n_calls, dtype=torch.int64)
-    shape = (index.shape[0], n_calls)
-    c0 = (index[:, None] & _M32).expand(shape)
-    c1 = ((index[:, None] >> 32) & 0xFFFF).expand(shape) | ((stream & 0xFFFF) << 16)
-    c2 = torch.full(shape, step & _M32, dtype=torch.int64)
-    c3 = j[None].expand(shape) | ((step >> 32) & 0xFF) << 24
-    key = (seed & _M32, (seed >> 32) & _M32)
-    out = torch.stack(philox4x32((c0, c1, c2, c3), key), dim=2)  # [B, n_calls, 4]
-    return out.reshape(shape[0], -1)[:, :n_words]
-
-
-def keyed_uniforms(seed: int, step: int, index: Tensor, n: int, stream: int = 0) -> Tensor:
-    """Uniforms in the open interval (0, 1), [B, n] float64 with 53 random bits, a pure function of
-    ``(seed, step, index[b], stream)``: example ``b``'s draws never depend on the other examples."""
-    w = _words(seed, step, index, 2 * n, stream).reshape(-1, n, 2).to(torch.float64)
-    hi = torch.floor(w[..., 0] / 32)  # 27 bits
-    lo = torch.floor(w[..., 1] / 64)  # 26 bits
-    return (hi * 67108864.0 + lo + 0.5) / 9007199254740992.0
-
-
-def keyed_normals(seed: int, step: int, index: Tensor, shape: tuple[int, ...], stream: int = 1) -> Tensor:
-    """Standard normals [B, *shape] float64 keyed like :func:`keyed_uniforms` (Box-Muller)."""
-    d = math.prod(shape)
-    m = (d + 1) // 2
-    u = keyed_uniforms(seed, step, index, 2 * m, stream).reshape(-1, m, 2)
-    r = torch.sqrt(-2.0 * torch.log(u[..., 0]))
-    ang = 2 * math.pi * u[..., 1]
-    z = torch.stack([r * ang.cos(), r * ang.sin()], dim=2).reshape(-1, 2 * m)[:, :d]
-    return z.reshape(-1, *shape)
+def keyed_normals(
+    seed: int, step: int, index: Tensor, shape: tuple[int, ...], stream: int = Stream.TRAIN_NOISE
+) -> Tensor:
+    """Standard normals [B, *shape] float64 keyed like :func:`keyed_uniforms` (see :mod:`scoredensity.rng`)."""
+    return rng.normals(seed, stream, index, shape, step=step, device=torch.as_tensor(index).device)
 
 
 # ---------------------------------------------------------------------------------------- log-SNR sampling
@@ -303,12 +260,14 @@ def dsm_loss(
     if weighting == "elbo" and sampler.kind == "ddpm":
         raise ValueError("the 'ddpm' grid is for the simple weighting; use uniform/adaptive/t_uniform with elbo")
     if sampler.low_discrepancy and position is not None and global_batch:
-        u0 = keyed_uniforms(seed, step, torch.full((1,), -1, dtype=torch.int64), 1, stream=2)[0, 0]
+        u0 = keyed_uniforms(seed, step, torch.full((1,), -1, dtype=torch.int64), 1, stream=Stream.TRAIN_LAM_SHARED)[
+            0, 0
+        ]
         u = torch.frac(u0 + position.to(torch.float64) / global_batch)
     else:
-        u = keyed_uniforms(seed, step, index, 1, stream=0)[:, 0]
+        u = keyed_uniforms(seed, step, index, 1, stream=Stream.TRAIN_LAM)[:, 0]
     lam, inv_q = sampler.sample(u)
-    z = keyed_normals(seed, step, index, tuple(x.shape[1:]), stream=1)
+    z = keyed_normals(seed, step, index, tuple(x.shape[1:]), stream=Stream.TRAIN_NOISE)
     if weighting == "elbo":
         loss, f = elbo_loss(eps_fn, x, lam, z, inv_q, sampler.lam_min, sampler.lam_max)
         return LossOutput(loss=loss, nll=loss.detach(), lam=lam, integrand=f)

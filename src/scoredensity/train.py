@@ -54,6 +54,7 @@ from .checkpoint import (
 )
 from .losses import LAM_SAMPLINGS, WEIGHTINGS, LamSampler, dsm_loss, keyed_uniforms
 from .nets import build_denoiser, denoiser_config, eval_eps_fn
+from .rng import Stream
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate_model", "data_std", "KILL_ENV", "METRICS_NAME"]
 
@@ -469,14 +470,14 @@ def train(
         gidx = (step - 1) * cfg.batch_size + pos  # global example index
         xs = dataset.x_train[batch]
         if dataset.levels is not None:
-            u = keyed_uniforms(cfg.seed, step, gidx, dataset.dim, stream=4).reshape(xs.shape)
+            u = keyed_uniforms(cfg.seed, step, gidx, dataset.dim, stream=Stream.TRAIN_DEQUANT).reshape(xs.shape)
             x = dataset.to_model(xs, u=u.clamp(max=1 - 2**-53))
         else:
             x = dataset.to_model(xs)
         y = None
         if cond:
             y = dataset.y_train[batch].clone()
-            drop = keyed_uniforms(cfg.seed, step, gidx, 1, stream=3)[:, 0] < cfg.label_dropout
+            drop = keyed_uniforms(cfg.seed, step, gidx, 1, stream=Stream.TRAIN_LABEL_DROP)[:, 0] < cfg.label_dropout
             y[drop] = net_cfg["num_classes"]
         lr = _lr_at(cfg, step)
         for gr in opt.param_groups:

@@ -32,6 +32,7 @@ from ..formula import end_terms, formula_integrand
 from ..losses import keyed_normals, keyed_uniforms
 from ..mixtures import GaussianMixture
 from ..proposals import LambdaProposal
+from ..rng import Stream
 from ..schedules import DDPMSchedule, linear_betas
 
 __all__ = [
@@ -226,7 +227,7 @@ class _Rows:
     def draws(self, key: Tensor, step: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """Stratified nodes for keys [P]: ``(t [P, n], weight [P, n], z [P, n, *shape])`` (two draws per stratum)."""
         strata = n // 2
-        u = keyed_uniforms(self.seed, step, key, n, stream=10)
+        u = keyed_uniforms(self.seed, step, key, n, stream=Stream.CLASSIFIER_LAM)
         u = (torch.arange(strata, dtype=torch.float64).repeat_interleave(2)[None] + u) / strata
         if self.weighting == "formula":
             lam = self.proposal.icdf(u)
@@ -236,7 +237,7 @@ class _Rows:
             k = (u * self.schedule.num_steps).floor().long().clamp(max=self.schedule.num_steps - 1)
             t = self.schedule.times[k]
             w = torch.ones_like(t)
-        z = keyed_normals(self.seed, step, key, (n, *self.shape), stream=11)
+        z = keyed_normals(self.seed, step, key, (n, *self.shape), stream=Stream.CLASSIFIER_NOISE)
         return t, w, z
 
     def values(self, ex: Tensor, cls: Tensor, step: int, n: int, antithetic: bool = False) -> Tensor:
