@@ -35,11 +35,43 @@ from .formula import example_generator
 from .logdensity import LogDensity
 from .schedules import DDPMSchedule
 
-__all__ = ["ddpm_elbo", "discretized_gaussian_log_likelihood", "VARIANCES", "DECODERS"]
+__all__ = ["ddpm_elbo", "reverse_variances", "discretized_gaussian_log_likelihood", "VARIANCES", "DECODERS"]
 
 VARIANCES = ("fixed_large", "fixed_small")
 DECODERS = ("gaussian", "discretized")
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def reverse_variances(schedule: DDPMSchedule, variance: str, decoder_variance: str = "model") -> tuple[Tensor, Tensor]:
+    """Reverse-process variances ``sigma_k^2`` and forward-posterior variances ``sigma~_k^2`` for steps ``k = 1..T``.
+
+    Args:
+        schedule: the T-step schedule.
+        variance: ``"fixed_large"`` (``sigma_k^2 = b_k``) or ``"fixed_small"`` (``sigma_k^2 = sigma~_k^2 =
+            b_k t_{k-1} / t_k``; at ``k = 1``, where ``sigma~_1^2 = 0``, the clipped ``sigma~_2^2`` as the published
+            code's ``posterior_log_variance_clipped``).
+        decoder_variance: the decoder's (step 1) variance: ``"model"`` (that of ``variance``) or ``"beta"`` (``b_1``).
+
+    Returns:
+        ``(model_var [T], post_var [T])`` float64; ``post_var[0] = 0``.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    beta = schedule.betas
+    t = schedule.times
+    big_t = len(beta)
+    t_prev = torch.cat([t.new_zeros(1), t[:-1]])
+    post_var = beta * t_prev / t  # sigma~_k^2 (0 at k = 1)
+    if variance == "fixed_large":
+        model_var = beta.clone()
+    else:
+        model_var = post_var.clone()
+        model_var[0] = post_var[1] if big_t > 1 else beta[0]  # clipped, as the published code does
+    if decoder_variance == "beta":
+        model_var[0] = beta[0]
+    elif decoder_variance != "model":
+        raise ValueError(f"decoder_variance must be 'model' or 'beta', got {decoder_variance!r}")
+    return model_var, post_var
 
 
 def _schedule(betas: Tensor | None, schedule: DDPMSchedule | None, alphas_cumprod: Tensor | None) -> DDPMSchedule:
@@ -141,17 +173,7 @@ def ddpm_elbo(
     beta = sch.betas  # [T], index k-1 for step k
     t = sch.times  # t_k = 1 - abar_k
     log_abar = sch.log_alphas_cumprod
-    t_prev = torch.cat([t.new_zeros(1), t[:-1]])
-    post_var = beta * t_prev / t  # sigma~_k^2 (0 at k = 1)
-    if variance == "fixed_large":
-        model_var = beta.clone()
-    else:
-        model_var = post_var.clone()
-        model_var[0] = post_var[1] if T > 1 else beta[0]  # clipped, as the published code does
-    if decoder_variance == "beta":
-        model_var[0] = beta[0]
-    elif decoder_variance != "model":
-        raise ValueError(f"decoder_variance must be 'model' or 'beta', got {decoder_variance!r}")
+    model_var, post_var = reverse_variances(sch, variance, decoder_variance)
 
     def sq_err(z: Tensor, eps: Tensor) -> Tensor:
         zf, ef = z.flatten(1).to(torch.float64), eps.flatten(1).to(torch.float64)

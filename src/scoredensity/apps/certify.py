@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..ddpm import VARIANCES
+from ..ddpm import VARIANCES, reverse_variances
 from ..formula import end_terms
 from ..mixtures import GaussianMixture
 from ..proposals import LambdaProposal
@@ -236,20 +236,11 @@ def ddpm_step_weights(schedule: DDPMSchedule, variance: str, d: int) -> tuple[Te
         ``t_1 / (2 a_1 sigma_1^2)``), ``const_k`` is the model-independent part of step ``k`` (``k = 1``: the
         decoder's ``1/2 d log(2 pi sigma_1^2)``), ``t_k = 1 - abar_k``. All float64; the prior KL is separate.
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     beta = schedule.betas
     t = schedule.times
     if float(beta.max()) >= 1.0:
         raise ValueError("the DDPM ELBO is undefined for a zero-terminal-SNR schedule (b_T = 1); clip the betas")
-    big_t = len(beta)
-    t_prev = torch.cat([t.new_zeros(1), t[:-1]])
-    post = beta * t_prev / t  # sigma~_k^2, 0 at k = 1
-    if variance == "fixed_large":
-        var = beta.clone()
-    else:
-        var = post.clone()
-        var[0] = post[1] if big_t > 1 else beta[0]
+    var, post = reverse_variances(schedule, variance)
     w = beta**2 / ((1 - beta) * t * 2 * var)
     rho = post / var
     const = 0.5 * d * (rho - 1 - torch.log(rho.clamp_min(1e-300)))
