@@ -30,7 +30,7 @@ from .apps import (
     classify,
     gan,
 )
-from .apps.diffusion_loss import BimodalARProcess, CausalTransformerAR, DiffusionLoss, gaussian_temperature_law
+from .apps.diffusion_loss import CausalTransformerAR, DiffusionLoss
 from .apps.gan import GANConfig, GANResult, regulariser_gradient, score_regulariser, train_gan
 from .checkpoint import CheckpointError, load_run
 from .data import (
@@ -44,6 +44,7 @@ from .data import (
     make_dataset,
     split_indices,
 )
+from .data.toys import BimodalARProcess
 from .ddpm import ddpm_elbo, discretized_gaussian_log_likelihood
 from .diffusers_io import LoadedDiffusers, load_diffusers, load_diffusers_eps, save_diffusers
 from .elbo import elbo
@@ -56,7 +57,16 @@ from .mixtures import MIXTURE_PRESETS, GaussianMixture, mixture_preset
 from .nets import MLPDenoiser, UNetDenoiser, build_denoiser, denoiser_config
 from .ode import ODESolverError, ode_log_likelihood
 from .proposals import LambdaProposal
-from .sampling import SAMPLERS, sample, sample_ddim, sample_ddpm, sample_euler_maruyama, sample_ode
+from .sampling import (
+    SAMPLERS,
+    ancestral_sample,
+    gaussian_temperature_law,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_euler_maruyama,
+    sample_ode,
+)
 from .schedules import (
     CosineClock,
     DDPMSchedule,
@@ -117,6 +127,7 @@ __all__ = [
     "sample_euler_maruyama",
     "sample_ode",
     "sample_ddpm",
+    "ancestral_sample",
     "SAMPLERS",
     "PREDICTION_KINDS",
     "ClockEps",

@@ -28,9 +28,52 @@ from torch import Tensor, nn
 
 from .schedules import batch_expand
 
-__all__ = ["MLPDenoiser", "UNetDenoiser", "build_denoiser", "denoiser_config", "eval_eps_fn", "TimeEmbedding"]
+__all__ = [
+    "MLPDenoiser",
+    "UNetDenoiser",
+    "build_denoiser",
+    "denoiser_config",
+    "eval_eps_fn",
+    "TimeEmbedding",
+    "AdaLNBlock",
+    "edm_scalings",
+    "v_output",
+]
 
 LAM_SCALE = 8.0  # log-SNR fed to the network as lam / LAM_SCALE
+
+
+def edm_scalings(t: Tensor, data_std: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-SNR and the EDM input/output scalings of the module docstring, from canonical time.
+
+    Args:
+        t: [B] canonical time in (0, 1) (float64 preferred; a 0-d ``t`` is not expanded here).
+        data_std: scalar data standard deviation ``s``.
+
+    Returns:
+        ``(lam, c_in, c_out)``, each [B] float64: ``lam = log((1 - t) / t)``, ``c_in = 1 / sqrt((1-t) s^2 + t)``,
+        ``c_out = sqrt((1-t) + t s^2)`` (``1 - t`` and ``t`` taken as ``sigmoid(±lam)``, stable at both ends).
+    """
+    lam = torch.log1p(-t) - torch.log(t)
+    s2 = float(data_std) ** 2
+    a2, sg2 = torch.sigmoid(lam), torch.sigmoid(-lam)  # 1 - t, t
+    return lam, torch.rsqrt(a2 * s2 + sg2), torch.sqrt(a2 + sg2 * s2)
+
+
+def v_output(x_t: Tensor, out: Tensor, lam: Tensor, c_out: Tensor) -> Tensor:
+    """The v-parameterisation ``eps = sqrt(t) x_t + sqrt(1-t) c_out F`` (right limit ``eps -> x_t`` as ``t -> 1``).
+
+    Args:
+        x_t: [B, *shape] noisy input. out: [B, *shape] network output ``F``. lam, c_out: [B] from
+            :func:`edm_scalings`.
+
+    Returns:
+        [B, *shape] float64 noise prediction.
+    """
+    a = torch.sigmoid(lam).sqrt()
+    return batch_expand(torch.sigmoid(-lam).sqrt(), x_t) * x_t.to(torch.float64) + batch_expand(
+        a * c_out, x_t
+    ) * out.to(torch.float64)
 
 
 class TimeEmbedding(nn.Module):
@@ -72,6 +115,28 @@ class _ResBlock(nn.Module):
         return h + self.fc2(F.silu(self.fc1(F.silu(a))))
 
 
+class AdaLNBlock(nn.Module):
+    """``h + gate * MLP(LN(h) * (1 + scale) + shift)``; ``(shift, scale, gate)`` from the condition ``y`` (DiT's
+    adaptive layer norm), the gate initialised at 0 so every block starts as the identity.
+
+    Args:
+        width: feature width of ``h`` and ``y``.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, h: Tensor, y: Tensor) -> Tensor:
+        """``h`` [N, width], ``y`` [N, width] -> [N, width]."""
+        shift, scale, gate = self.ada(y).chunk(3, dim=-1)
+        return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
 class _Denoiser(nn.Module):
     """Shared canonical-time wrapper: log-SNR, preconditioning and output parameterisation."""
 
@@ -95,19 +160,12 @@ class _Denoiser(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device)
         if t.dim() == 0:
             t = t.expand(x_t.shape[0])
-        lam = torch.log1p(-t) - torch.log(t)  # [B] float64
-        s2 = float(self.config.get("data_std", 1.0)) ** 2
-        a2, sg2 = torch.sigmoid(lam), torch.sigmoid(-lam)  # 1 - t, t, stable for |lam| large
-        c_in = torch.rsqrt(a2 * s2 + sg2)
+        lam, c_in, c_out = edm_scalings(t, float(self.config.get("data_std", 1.0)))  # [B] float64
         x32 = x_t.to(torch.float32)
         out = self._backbone(x32 * batch_expand(c_in, x32).to(torch.float32), lam, y)
         if self.config.get("param", "v") == "eps":
             return out.to(x_t.dtype)
-        c_out = torch.sqrt(a2 + sg2 * s2)
-        eps = batch_expand(sg2.sqrt(), x_t) * x_t.to(torch.float64) + batch_expand(a2.sqrt() * c_out, x_t) * out.to(
-            torch.float64
-        )
-        return eps.to(x_t.dtype)
+        return v_output(x_t, out, lam, c_out).to(x_t.dtype)
 
     def _label_embedding(self, y: Tensor | None, batch: int, device) -> Tensor | None:
         k = int(self.config.get("num_classes", 0))

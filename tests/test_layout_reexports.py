@@ -1,0 +1,84 @@
+"""Issue 12's moves keep old imports working, and the diffusion loss's adaptive log-SNR sampling stays unbiased."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import scoredensity as sd
+from scoredensity import ddpm, sampling
+from scoredensity.apps import diffusion_loss
+from scoredensity.data import toys
+
+
+def test_moved_names_are_the_same_objects():
+    assert diffusion_loss.ancestral_sample is sampling.ancestral_sample
+    assert diffusion_loss.cosine_lam_grid is sampling.cosine_lam_grid
+    assert diffusion_loss.gaussian_temperature_law is sampling.gaussian_temperature_law
+    assert diffusion_loss.BimodalARProcess is toys.BimodalARProcess is sd.BimodalARProcess
+    assert sd.gaussian_temperature_law is sampling.gaussian_temperature_law
+
+
+def test_old_variances_name_is_deprecated_and_distinct_from_ddpm():
+    with pytest.warns(DeprecationWarning, match="ANCESTRAL_VARIANCES"):
+        old = diffusion_loss.VARIANCES
+    assert old == sampling.ANCESTRAL_VARIANCES
+    assert not set(sampling.ANCESTRAL_VARIANCES) & set(ddpm.VARIANCES)
+    with pytest.raises(AttributeError):
+        diffusion_loss.NO_SUCH_NAME  # noqa: B018
+
+
+def test_head_loads_a_state_dict_saved_before_the_time_embedding_moved():
+    torch.manual_seed(1)
+    head = diffusion_loss.DiffusionLoss(2, 3, width=16, depth=1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    old_layout = {k.replace("time_emb.mlp.", "time_emb."): v for k, v in head.state_dict().items()}
+    assert "time_emb.0.weight" in old_layout
+    other = diffusion_loss.DiffusionLoss(2, 3, width=16, depth=1)
+    other.load_state_dict(old_layout)
+    x, c = torch.randn(5, 2), torch.randn(5, 3)
+    t = torch.full((5,), 0.4, dtype=torch.float64)
+    assert torch.equal(other.eps(x, t, c), head.eps(x, t, c))
+
+
+def test_adaptive_lam_sampling_keeps_the_elbo_loss_unbiased():
+    """A fresh head's output layer is zero, so its eps is ``sqrt(t) x_t``: the exact denoiser of N(0, I) tokens.
+    Its elbo loss is then an unbiased estimate of ``-log N(x; 0, I)`` (up to the e^-20 tails), under the uniform
+    and under the adapted log-SNR density alike; the adapted density must really differ from the uniform one."""
+    torch.manual_seed(0)
+    x = torch.tensor([[0.3, -1.2], [1.5, 0.4], [-0.7, -0.1]])
+    c = torch.randn(3, 4)
+    exact = -(-0.5 * x.double().pow(2).sum(1) - math.log(2 * math.pi))
+    for kind in ("uniform", "adaptive"):
+        head = diffusion_loss.DiffusionLoss(2, 4, width=16, depth=1, t_per_token=8, lam_sampling=kind)
+        gen = torch.Generator().manual_seed(5)
+        if kind == "adaptive":
+            head.train()
+            for _ in range(40):
+                head(x, c, generator=gen)
+            masses = head.lam_sampler.proposal().masses
+            assert float(masses.max() / masses.min()) > 2.0
+        head.eval()
+        with torch.no_grad():
+            draws = torch.stack([head(x, c, generator=gen, reduction="none").double() for _ in range(300)])
+        mean, se = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
+        assert (se > 0).all()
+        assert ((mean - exact).abs() < 4 * se + 1e-4).all(), (kind, mean, exact, se)
+
+
+def test_adaptive_lam_sampling_needs_the_elbo_weighting():
+    with pytest.raises(ValueError, match="lam_sampling"):
+        diffusion_loss.DiffusionLoss(2, 3, weighting="simple", lam_sampling="adaptive")
+    with pytest.raises(ValueError, match="lam_sampling must be one of"):
+        diffusion_loss.DiffusionLoss(2, 3, lam_sampling="t_uniform")
+
+
+def test_no_deprecation_warning_on_plain_import():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        from scoredensity.apps.diffusion_loss import DiffusionLoss  # noqa: F401
