@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..mixtures import GaussianMixture
 
-__all__ = ["ParametricMixture"]
+__all__ = ["ParametricMixture", "sklearn_to_mixture"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -84,7 +84,7 @@ class ParametricMixture(nn.Module):
     @classmethod
     def from_sklearn(cls, model) -> ParametricMixture:
         """The member equal to a fitted ``sklearn.mixture.GaussianMixture`` (any covariance type)."""
-        return cls.from_mixture(_sklearn_to_mixture(model))
+        return cls.from_mixture(sklearn_to_mixture(model))
 
     def to_mixture(self) -> GaussianMixture:
         """A detached :class:`GaussianMixture` with the current parameters (for exact evaluation)."""
@@ -197,7 +197,7 @@ class ParametricMixture(nn.Module):
         return f"K={self.num_components}, d={self.dim}"
 
 
-def _sklearn_to_mixture(model) -> GaussianMixture:
+def sklearn_to_mixture(model) -> GaussianMixture:
     """Convert a fitted ``sklearn.mixture.GaussianMixture`` (full/tied/diag/spherical) to a :class:`GaussianMixture`."""
     means = torch.as_tensor(model.means_, dtype=torch.float64)
     k, d = means.shape
