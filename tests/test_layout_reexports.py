@@ -82,3 +82,34 @@ def test_no_deprecation_warning_on_plain_import():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         from scoredensity.apps.diffusion_loss import DiffusionLoss  # noqa: F401
+
+
+def test_classifier_chunk_size_is_a_deprecated_alias_of_max_batch():
+    from scoredensity.apps.classifier import MixtureClassConditional, classify
+    from scoredensity.mixtures import mixture_preset
+
+    gm = mixture_preset("blobs2d")
+    x = gm.sample(12, generator=torch.Generator().manual_seed(0))
+    model = MixtureClassConditional(gm)
+    kw = dict(budget=gm.num_components * 16, round_size=16, seed=3, importance="uniform")
+    new = classify(model, x, max_batch=37, **kw)
+    with pytest.warns(DeprecationWarning, match="chunk_size"):
+        old = classify(model, x, chunk_size=37, **kw)
+    assert torch.equal(new.log_likelihood, old.log_likelihood)
+    with pytest.raises(ValueError, match="max_batch"):
+        classify(model, x, max_batch=0, **kw)
+
+
+def test_gan_regulariser_n_draws_and_chunk_are_deprecated_aliases():
+    from scoredensity.apps.gan import regulariser_gradient
+    from scoredensity.mixtures import mixture_preset
+
+    gm = mixture_preset("ring8")
+    x = gm.sample(5, generator=torch.Generator().manual_seed(1))
+    new = regulariser_gradient(gm.eps, x, n_z=16, max_batch=24, seed=2)
+    with pytest.warns(DeprecationWarning, match="n_draws"), pytest.warns(DeprecationWarning, match="chunk"):
+        old = regulariser_gradient(gm.eps, x, n_draws=16, chunk=24, seed=2)
+    for a, b in zip(new, old, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="n_z must be >= 2"):
+        regulariser_gradient(gm.eps, x, n_z=1)

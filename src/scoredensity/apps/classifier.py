@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..epsfn import check_data
+from ..epsfn import check_data, resolve_max_batch
 from ..formula import end_terms, formula_integrand
 from ..losses import keyed_normals, keyed_uniforms
 from ..mixtures import GaussianMixture
@@ -217,10 +217,10 @@ def _check_conditional(eps_fn, x: Tensor, classes: list[int]) -> None:
 class _Rows:
     """Evaluates the per-node values of (example, class) pairs on shared or independent draws."""
 
-    def __init__(self, eps_fn, x, classes, weighting, proposal, schedule, crn, seed, chunk_size):
+    def __init__(self, eps_fn, x, classes, weighting, proposal, schedule, crn, seed, max_batch):
         self.eps_fn, self.x, self.classes = eps_fn, x, classes
         self.weighting, self.proposal, self.schedule = weighting, proposal, schedule
-        self.crn, self.seed, self.chunk_size = crn, seed, chunk_size
+        self.crn, self.seed, self.max_batch = crn, seed, max_batch
         self.shape = tuple(x.shape[1:])
         self.calls = 0
 
@@ -259,8 +259,8 @@ class _Rows:
         flat_t = t.reshape(-1)
         flat_z = z.reshape(p * n, *self.shape)
         out = torch.empty(p * n, dtype=torch.float64)
-        for s in range(0, p * n, self.chunk_size):
-            sl = slice(s, min(s + self.chunk_size, p * n))
+        for s in range(0, p * n, self.max_batch):
+            sl = slice(s, min(s + self.max_batch, p * n))
             with torch.no_grad():
                 eps = _call(self.eps_fn, flat_x[sl], flat_t[sl], labels[sl])
             if self.weighting == "formula":
@@ -316,6 +316,7 @@ def classify(
     pilot_examples: int = 64,
     pilot_nodes: int = 16,
     seed: int = 0,
+    max_batch: int | None = None,
     chunk_size: int | None = None,
 ) -> ClassifierResult:
     """Class log-posteriors by the density formula of a class-conditional denoiser, with standard errors.
@@ -342,7 +343,8 @@ def classify(
             ``model.num_classes``).
         check_conditional: refuse a model whose output ignores the label.
         seed: randomness keyed by (seed, round, example): results do not depend on batching.
-        chunk_size: rows per model call (default ~2^18 / d).
+        max_batch: rows per network call (default ~2^18 / d); results do not depend on it.
+        chunk_size: deprecated alias of ``max_batch`` (DeprecationWarning).
 
     Returns:
         :class:`ClassifierResult`.
@@ -363,7 +365,9 @@ def classify(
     if budget < c * round_size:
         raise ValueError(f"budget {budget} is below one round ({c} classes x {round_size} nodes = {c * round_size})")
     b, d = x.shape[0], x[0].numel()
-    chunk_size = chunk_size or max(1, (1 << 18) // d)
+    if max_batch is None and chunk_size is None:
+        max_batch = max(1, (1 << 18) // d)
+    max_batch = resolve_max_batch(max_batch, d, chunk_size)
     if check_conditional:
         _check_conditional(eps_fn_cond, x, classes)
 
@@ -380,7 +384,7 @@ def classify(
             raise ValueError(f"importance must be 'adaptive', 'uniform' or a LambdaProposal, got {importance!r}")
     else:
         schedule = DDPMSchedule(linear_betas(num_steps))  # DDPM's linear 1e-4..0.02
-    rows = _Rows(eps_fn_cond, x, classes, weighting, proposal, schedule, common_random_numbers, seed, chunk_size)
+    rows = _Rows(eps_fn_cond, x, classes, weighting, proposal, schedule, common_random_numbers, seed, max_batch)
     pilot_calls = 0
     if weighting == "formula" and importance == "adaptive":
         rows.proposal = _fit_pilot_proposal(rows, b, lam_min, lam_max, pilot_examples, pilot_nodes)

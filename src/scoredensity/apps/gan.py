@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..epsfn import EpsFn, call_eps, check_data
+from ..epsfn import EpsFn, call_eps, check_data, check_int
 from ..formula import end_terms, formula_integrand
 from ..mixtures import GaussianMixture
 
@@ -133,37 +134,47 @@ def regulariser_gradient(
     eps_fn: EpsFn,
     x: Tensor,
     *,
-    n_draws: int = 256,
-    chunk: int = 8192,
+    n_z: int = 256,
+    max_batch: int | None = None,
     seed: int = 0,
+    n_draws: int | None = None,
+    chunk: int | None = None,
     **kwargs,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Monte Carlo mean and standard error of :func:`score_regulariser` and of its gradient at fixed points.
 
     Args:
         eps_fn, kwargs: as in :func:`score_regulariser`. x: [B, d] points (no graph needed).
-        n_draws: independent draws of ``(lam, z)`` per point. chunk: rows per evaluation.
+        n_z: independent draws of ``(lam, z)`` per point. max_batch: rows per network call (default 8192; each
+            call keeps its graph through the denoiser until its gradient is taken). seed: key of the draws.
+        n_draws, chunk: deprecated aliases of ``n_z`` and ``max_batch`` (DeprecationWarning).
 
     Returns:
         ``(value [B], value_stderr [B], grad [B, d], grad_stderr [B, d])`` float64: estimates of
         ``-log p_data(x)`` and ``-grad log p_data(x)`` (for ``formula`` + ``full``).
     """
-    if n_draws < 2:
-        raise ValueError("n_draws must be >= 2 for a standard error")
+    if n_draws is not None:
+        warnings.warn("n_draws is deprecated; use n_z (draws of (lam, z) per point)", DeprecationWarning, 2)
+        n_z = n_draws
+    if chunk is not None:
+        warnings.warn("chunk is deprecated; use max_batch (rows per network call)", DeprecationWarning, 2)
+        max_batch = chunk if max_batch is None else max_batch
+    max_batch = check_int("max_batch", 8192 if max_batch is None else max_batch)
+    n_z = check_int("n_z", n_z, 2)
     x = check_data(x.detach().to(torch.float64), "x")
     b, d = x.shape
     g = torch.Generator().manual_seed(seed)
     vals, grads = [], []
-    rows = x.repeat(n_draws, 1)  # draw-major: row r*b + i is point i
-    for s in range(0, rows.shape[0], chunk):
-        xr = rows[s : s + chunk].clone().requires_grad_(True)
+    rows = x.repeat(n_z, 1)  # draw-major: row r*b + i is point i
+    for s in range(0, rows.shape[0], max_batch):
+        xr = rows[s : s + max_batch].clone().requires_grad_(True)
         v = score_regulariser(eps_fn, xr, generator=g, **kwargs)
         (gr,) = torch.autograd.grad(v.sum(), xr)
         vals.append(v.detach())
         grads.append(gr.detach())
-    v = torch.cat(vals).reshape(n_draws, b)
-    gr = torch.cat(grads).reshape(n_draws, b, d)
-    sq = math.sqrt(n_draws)
+    v = torch.cat(vals).reshape(n_z, b)
+    gr = torch.cat(grads).reshape(n_z, b, d)
+    sq = math.sqrt(n_z)
     return v.mean(0), v.std(0) / sq, gr.mean(0), gr.std(0) / sq
 
 
