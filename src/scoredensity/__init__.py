@@ -3,7 +3,7 @@
 Log-densities through the score-based density formula (exact for an exact score, a certified lower
 bound for a learned one), every standard likelihood estimator side by side, training with likelihood
 weighting, samplers, adapters and applications. One time convention: canonical time ``t`` with
-``x_t = sqrt(1 - t) x + sqrt(t) z`` (see DESIGN.md).
+``x_t = sqrt(1 - t) x + sqrt(t) z`` (see docs/design.md).
 """
 
 from .adapters import (

@@ -1,4 +1,4 @@
-"""Denoiser networks in canonical time (DESIGN.md §1).
+"""Denoiser networks in canonical time (docs/design.md §1).
 
 Every network here is an ``nn.Module`` whose ``forward(x_t [B, *shape], t [B] float64, y=None)`` returns the
 noise prediction ``eps [B, *shape]``, so a network *is* an :class:`~scoredensity.epsfn.EpsFn`.
@@ -261,10 +261,8 @@ class UNetDenoiser(_Denoiser):
         data_std: float = 1.0,
     ):
         super().__init__()
-        try:
-            from diffusers import UNet2DModel
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("the U-Net denoiser needs diffusers: pip install 'diffusers>=0.27'") from e
+        from diffusers import UNet2DModel  # a core dependency, imported here because it is slow to import
+
         if param not in ("v", "eps"):
             raise ValueError(f"param must be 'v' or 'eps', got {param!r}")
         shape = [int(s) for s in shape]

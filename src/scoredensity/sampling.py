@@ -2,7 +2,7 @@
 
 All samplers are plain functions ``(eps_fn, noise, steps, *, options) -> samples``, where ``noise`` [N, *shape]
 is the state at the noisy end (``N(0, I)``). They step in log-SNR ``lam`` (bounded coefficients over the
-whole line, DESIGN.md §1, :mod:`scoredensity.mathutil`) on a uniform grid from ``lam_min`` to ``lam_max``:
+whole line, docs/design.md §1, :mod:`scoredensity.mathutil`) on a uniform grid from ``lam_min`` to ``lam_max``:
 
 * :func:`sample_ddim`: the exponential-integrator (DDIM) step of the family ``dx = [f - (1+eta^2)/2 g^2 s] dt
   + eta g dW``: exact in the linear part, ``x0_hat`` held fixed over the step (Song, Meng & Ermon 2021). ``eta = 0``

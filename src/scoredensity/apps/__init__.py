@@ -1,4 +1,5 @@
-"""Applications of the density formula (DESIGN.md §4): certifying ELBO training and the diffusion classifier."""
+"""Applications of the density formula (docs/design.md §4): certifying ELBO training, the diffusion classifier,
+score-matching regularisation of GANs and the diffusion loss for autoregressive models."""
 
 from .certify import CertifyReport, certify_mixture, continuous_elbo_objective, ddpm_elbo_objective, fit_em
 from .classifier import (

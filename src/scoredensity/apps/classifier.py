@@ -1,9 +1,9 @@
-"""The diffusion classifier (DESIGN.md §4, seed 000 §4): ``argmax_y log p(x | y) + log p(y)`` with each
+"""The diffusion classifier (docs/design.md §4, seed 000 §4): ``argmax_y log p(x | y) + log p(y)`` with each
 ``log p(x | y)`` from the density formula of a class-conditional denoiser.
 
 A class-conditional noise predictor is called as ``eps_fn(x_t [N, *shape], t [N] float64, y=labels [N])`` (the
 convention of :mod:`scoredensity.nets`; the null label ``num_classes`` is the unconditional model that label
-dropout trains). With the formula (DESIGN.md §2, in log-SNR)
+dropout trains). With the formula (docs/design.md §2, in log-SNR)
 
     log p(x | y) = noisy_end(x) + clean_end + 1/2 ∫ [ sigmoid(lam) ||z||^2 - ||z - eps(x_t, t, y)||^2 ] dlam,
 

@@ -1,4 +1,4 @@
-"""The diffusion loss: a small denoising head for autoregressive models over continuous tokens (DESIGN.md §4).
+"""The diffusion loss: a small denoising head for autoregressive models over continuous tokens (docs/design.md §4).
 
 An autoregressive backbone (any network) turns the past into a vector ``c``; instead of a Gaussian or a
 mixture-density output layer, a small MLP denoiser ``eps(x_t, t | c)`` models ``p(x | c)`` for the next token
@@ -7,7 +7,7 @@ quantization", the MAR recipe). Everything here is in canonical time ``x_t = sqr
 
 * **Head** (:class:`DiffusionLoss`): residual MLP blocks with adaptive layer norm on ``y = emb(lam) + W c``
   (shift, scale and a zero-initialised gate per block, as in DiT/MAR), EDM input scaling and the
-  v-parameterisation ``eps = sqrt(t) x_t + sqrt(1-t) c_out F`` (DESIGN.md §1: right limit at ``t -> 1``).
+  v-parameterisation ``eps = sqrt(t) x_t + sqrt(1-t) c_out F`` (docs/design.md §1: right limit at ``t -> 1``).
 * **Loss** (``forward``): ``weighting="elbo"`` is minus the density formula's one-sample bound in nats per
   token (:func:`scoredensity.losses.elbo_loss`: log-SNR uniform on ``[lam_min, lam_max]``, or drawn from the
   adaptive :class:`~scoredensity.losses.LamSampler` with ``lam_sampling="adaptive"``; the same end terms as

@@ -2,7 +2,7 @@
 
 Every parameter value ``theta = (mu_k, L_k, logits)`` *is* a Gaussian mixture
 ``p_theta = sum_k w_k N(mu_k, L_k L_k^T)`` with ``w = softmax(logits)``, and its noise predictor is that mixture's
-exact ``eps*`` (DESIGN.md §1)::
+exact ``eps*`` (docs/design.md §1)::
 
     eps_theta(x_t, t) = sqrt(t) sum_k r_k(x_t, t) C_k(t)^{-1} (x_t - sqrt(1-t) mu_k),
     C_k(t) = (1 - t) L_k L_k^T + t I,   r_k = softmax_k(log w_k + log N(x_t; sqrt(1-t) mu_k, C_k(t))).

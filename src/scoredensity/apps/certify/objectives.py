@@ -10,10 +10,10 @@ noise predictor is that mixture's exact ``eps*``. Three ways to fit it to data `
 
   For an exact denoiser the formula is exact, so ``E L(theta) = -(1/N) sum log p_theta(x_i)`` for *every* theta:
   the fit must land on the maximum-likelihood fit;
-* **discrete DDPM ELBO** with ``T`` steps, ``abar_k = abar(k/T)`` from one clock (DESIGN.md §3): with ``a_k = 1 - b_k``,
-  ``t_k = 1 - abar_k`` and the control-variate form ``e_k = ||z - eps||^2 - (1 - t_k)(||z||^2 - d)`` (unbiased for
-  ``E||z - eps||^2``; the coefficient ``1 - t_k`` is the formula's own: it cancels the chi-square noise of the clean
-  steps, where ``eps`` is small, and leaves the noisy steps alone, where ``z - eps`` is small)::
+* **discrete DDPM ELBO** with ``T`` steps, ``abar_k = abar(k/T)`` from one clock (docs/design.md §3): with
+  ``a_k = 1 - b_k``, ``t_k = 1 - abar_k`` and the control-variate form ``e_k = ||z - eps||^2 - (1 - t_k)(||z||^2 - d)``
+  (unbiased for ``E||z - eps||^2``; the coefficient ``1 - t_k`` is the formula's own: it cancels the chi-square noise
+  of the clean steps, where ``eps`` is small, and leaves the noisy steps alone, where ``z - eps`` is small)::
 
       -ELBO(x) = KL(q(x_T|x) || N(0,I)) + sum_{k>=2} [ 1/2 d (rho_k - 1 - log rho_k) + w_k E e_k ]
                  + 1/2 d log(2 pi sigma_1^2) + t_1 / (2 a_1 sigma_1^2) E e_1,
@@ -21,7 +21,7 @@ noise predictor is that mixture's exact ``eps*``. Three ways to fit it to data `
   ``w_k = b_k^2 / (2 a_k t_k sigma_k^2)``, ``rho_k = sigma~_k^2 / sigma_k^2`` with ``sigma~_k^2 = b_k t_{k-1} / t_k``.
   ``fixed_large`` (``sigma_k^2 = b_k``) gives ``w_k = b_k / (2 a_k t_k)``, a Riemann sum of ``dt / (2 t (1-t))``;
   ``fixed_small`` (``sigma_k^2 = sigma~_k^2``, at ``k = 1`` clipped to ``sigma~_2^2`` as the published code does)
-  gives ``w_k = b_k / (2 a_k t_{k-1})``. These are the per-step weights of DESIGN.md §3, written here as a
+  gives ``w_k = b_k / (2 a_k t_{k-1})``. These are the per-step weights of docs/design.md §3, written here as a
   training loss over fixed draws (same definitions as :func:`scoredensity.ddpm.ddpm_elbo`, which the tests
   compare against);
 * **maximum likelihood** by EM (scikit-learn's ``GaussianMixture``, several initialisations): the independent
@@ -172,7 +172,7 @@ def continuous_elbo_objective(
 
     The examples are split into ``n_chunks`` random chunks; each chunk gets its own ``n_t`` log-SNR nodes,
     stratified under ``proposal`` (two per stratum), each with ``n_z`` draws of ``z`` per example. Per example
-    that is ``n_t * n_z`` model calls and an unbiased estimate of ``-formula(x)`` (DESIGN.md §2).
+    that is ``n_t * n_z`` model calls and an unbiased estimate of ``-formula(x)`` (docs/design.md §2).
 
     Args:
         x: [N, d] data. n_t: even number of log-SNR nodes per chunk. proposal: density of the nodes on
