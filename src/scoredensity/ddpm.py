@@ -68,6 +68,8 @@ __all__ = [
     "decoder_log_likelihood",
     "fit_step_proposal",
     "StepProposal",
+    "step_noise",
+    "NOISE_BLOCK",
     "discretized_gaussian_log_likelihood",
     "VARIANCES",
     "DECODERS",
@@ -78,6 +80,7 @@ VARIANCES = ("fixed_large", "fixed_small")
 DECODERS = ("gaussian", "discretized")
 DECODER_VARIANCES = ("model", "beta", "posterior")
 _LOG_2PI = math.log(2 * math.pi)
+NOISE_BLOCK = 16  # draws generated per call of the keyed generator (fixed: the bits must not depend on batching)
 _SELECT = 1 << 32  # rng step counter of the pilot's step choice (its noise uses draw numbers 0, 1, ...)
 _DEFENSIVE = 0.1  # uniform share of a fitted step proposal (bounds the importance weights by 10 (T - 1))
 
@@ -254,26 +257,58 @@ def _step_rows(s: _Setup, ex: Tensor, k: Tensor, z: Tensor) -> tuple[Tensor, Ten
     return sq, x0_hat
 
 
-def _noise(s: _Setup, stream: rng.Stream, ex: Tensor, draw: int) -> Tensor:
-    """Standard normals [len(ex), *shape] of draw number ``draw`` of examples ``ex`` (keyed, on x's device)."""
-    return rng.normals(s.seed, stream, s.keys[ex], s.x.shape[1:], step=draw, device=s.x.device).to(s.x.device)
+def step_noise(
+    seed: int,
+    stream: int,
+    keys: Tensor,
+    shape: tuple[int, ...],
+    draw: int,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The standard normals [len(keys), *shape] float64 of draw number ``draw`` (the matched noise of a term).
+
+    Draws come in fixed blocks of :data:`NOISE_BLOCK`: draw ``j`` is entry ``j % NOISE_BLOCK`` of
+    ``rng.normals(seed, stream, keys, (NOISE_BLOCK, *shape), step=j // NOISE_BLOCK)``, so one generator call serves
+    a block of draws and every draw is a pure function of ``(seed, stream, key, j)``. In :func:`ddpm_elbo` the
+    KL terms use ``Stream.DDPM_NOISE`` with ``j = i * n_z + r`` for the ``r``-th draw of its ``i``-th step (all
+    steps: step ``k = 2 + i``), the decoder ``Stream.DECODER_NOISE`` with ``j = r``.
+    """
+    blk = rng.normals(seed, stream, keys, (NOISE_BLOCK, *shape), step=draw // NOISE_BLOCK, device=device)
+    return blk[:, draw % NOISE_BLOCK]
+
+
+class _Noise:
+    """Block cache of :func:`step_noise` for a fixed set of examples (draws requested in increasing order)."""
+
+    def __init__(self, s: _Setup, stream: rng.Stream, ex: Tensor):
+        self.s, self.stream, self.keys = s, stream, s.keys[ex]
+        self.block, self.cache = -1, None
+
+    def __call__(self, draw: int) -> Tensor:
+        if draw // NOISE_BLOCK != self.block:
+            self.block = draw // NOISE_BLOCK
+            shape = (NOISE_BLOCK, *self.s.x.shape[1:])
+            dev = self.s.x.device
+            self.cache = rng.normals(self.s.seed, self.stream, self.keys, shape, step=self.block, device=dev).to(dev)
+        return self.cache[:, draw % NOISE_BLOCK]
 
 
 def _evaluate(s: _Setup, k_of: Callable[[int], Tensor], n_draws: int, stream: rng.Stream) -> Tensor:
     """Model part ``w_k ||x - x0_hat||^2`` of every (example, draw) [B, n_draws]: draw ``j`` of every example sits
-    at 0-based step ``k_of(j)`` [B] with noise of ``stream`` number ``j``. Rows go to the network ``max_batch``
-    at a time, draw-major (no loop over examples)."""
+    at 0-based step ``k_of(j)`` [B] with the noise ``step_noise(..., stream, j)``. Rows go to the network
+    ``max_batch`` at a time (no loop over examples)."""
     b = s.x.shape[0]
     out = torch.empty(b, n_draws, dtype=torch.float64, device=s.x.device)
     ex_all = torch.arange(b, device=s.x.device)
-    per_call = max(1, s.max_batch // b) if b <= s.max_batch else 1
-    for j0 in range(0, n_draws, per_call):
-        js = list(range(j0, min(j0 + per_call, n_draws)))
-        for e0 in range(0, b, s.max_batch):
-            ex = ex_all[e0 : e0 + s.max_batch]
+    for e0 in range(0, b, s.max_batch):
+        ex = ex_all[e0 : e0 + s.max_batch]
+        noise = _Noise(s, stream, ex)
+        per_call = max(1, s.max_batch // len(ex))
+        for j0 in range(0, n_draws, per_call):
+            js = range(j0, min(j0 + per_call, n_draws))
             rows_ex = ex.repeat(len(js))
             rows_k = torch.cat([k_of(j)[ex] for j in js])
-            z = torch.cat([_noise(s, stream, ex, j) for j in js])
+            z = torch.cat([noise(j) for j in js])
             sq, _ = _step_rows(s, rows_ex, rows_k, z)
             out[ex, j0 : j0 + len(js)] = (s.weights[rows_k] * sq).reshape(len(js), -1).T
     return out
@@ -286,17 +321,21 @@ def _decoder_term(
     b = s.x.shape[0]
     vals = torch.empty(b, draws, dtype=torch.float64, device=s.x.device)
     ex_all = torch.arange(b, device=s.x.device)
-    zero = torch.zeros(b, dtype=torch.long, device=s.x.device)
-    for j in range(draws):
-        for e0 in range(0, b, s.max_batch):
-            ex = ex_all[e0 : e0 + s.max_batch]
-            z = _noise(s, rng.Stream.DECODER_NOISE, ex, j)
-            sq, x0_hat = _step_rows(s, ex, zero[ex], z)
+    d = s.x[0].numel()
+    for e0 in range(0, b, s.max_batch):
+        ex = ex_all[e0 : e0 + s.max_batch]
+        noise = _Noise(s, rng.Stream.DECODER_NOISE, ex)
+        per_call = max(1, s.max_batch // len(ex))
+        for j0 in range(0, draws, per_call):
+            js = range(j0, min(j0 + per_call, draws))
+            rows_ex = ex.repeat(len(js))
+            z = torch.cat([noise(j) for j in js])
+            sq, x0_hat = _step_rows(s, rows_ex, torch.zeros_like(rows_ex), z)
             if decoder == "gaussian":  # the quadratic is ||x - x0_hat||^2 (norm_z-corrected)
-                d = z[0].numel()
-                vals[ex, j] = -0.5 * (d * (_LOG_2PI + torch.log(variance)) + sq / variance)
+                v = -0.5 * (d * (_LOG_2PI + torch.log(variance)) + sq / variance)
             else:
-                vals[ex, j] = decoder_log_likelihood(s.x64[ex], x0_hat, variance, decoder, levels, cdf)
+                v = decoder_log_likelihood(s.x64[rows_ex], x0_hat, variance, decoder, levels, cdf)
+            vals[ex, j0 : j0 + len(js)] = v.reshape(len(js), -1).T
     return vals.mean(1), vals.var(1) / draws
 
 
