@@ -163,8 +163,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], meta: d
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        _honour_umask(tmp)
         save_file(tensors, tmp, metadata={"scoredensity": json.dumps(doc)})
+        _honour_umask(tmp)  # after writing: save_file makes a file of its own
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         load_checkpoint(tmp)  # verify before replacing anything

@@ -471,6 +471,7 @@ def _resolve_run(run_dir, data, config, resume: bool, steps: int | None, device:
         cfg = TrainConfig.from_dict(train_dict)  # the device is the machine's, not the run's
         net_cfg = stored["net"]
     else:
+        _refuse_foreign(run_dir)  # before the lock file is made there (again under the lock)
         if data is None:
             raise ValueError("data is required for a new run")
         data_args = _resolve_data(data)
@@ -524,6 +525,17 @@ def _network_config(net: dict | None, cfg: TrainConfig, dataset) -> dict[str, An
     return net_cfg
 
 
+def _refuse_foreign(run_dir: Path) -> None:
+    """Refuse, for a new run, a folder holding files that no run writes (the user's own)."""
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        more = "" if len(foreign) <= 5 else f" and {len(foreign) - 5} more"
+        raise CheckpointError(
+            f"--out {str(run_dir)!r} is neither empty nor a scoredensity run folder "
+            f"(it holds {foreign[:5]}{more}); choose a new or empty folder"
+        )
+
+
 def _prepare_folder(spec: _RunSpec, full_config: dict) -> bool:
     """Make the run folder ready (rank 0, holding the lock). Returns True when a checkpoint is to be resumed.
 
@@ -538,13 +550,7 @@ def _prepare_folder(spec: _RunSpec, full_config: dict) -> bool:
             raise CheckpointError(
                 f"{str(run_dir)!r} already holds a training run; pass --resume to continue it or choose another --out"
             )
-        foreign = foreign_entries(run_dir)
-        if foreign:
-            more = "" if len(foreign) <= 5 else f" and {len(foreign) - 5} more"
-            raise CheckpointError(
-                f"--out {str(run_dir)!r} is neither empty nor a scoredensity run folder "
-                f"(it holds {foreign[:5]}{more}); choose a new or empty folder"
-            )
+        _refuse_foreign(run_dir)
         if (run_dir / CONFIG_NAME).exists():
             print(
                 f"note: {run_dir} held a run that stopped before its first checkpoint; starting afresh", file=sys.stderr
