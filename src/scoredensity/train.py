@@ -2,19 +2,31 @@
 
 :func:`train` runs (or resumes) a training run in a folder (layout in :mod:`scoredensity.checkpoint`):
 AdamW with linear warm-up and cosine decay, gradient clipping, an exponential moving average (EMA) of the
-weights, tqdm progress, metrics in ``metrics.jsonl`` (and TensorBoard when installed), periodic held-out
-NLL by the density formula with the EMA weights, atomic checkpoints and bit-for-bit resumption.
+weights, progress (a tqdm bar on a terminal, plain lines every ~10 s in a log file), metrics in ``metrics.jsonl``
+(and TensorBoard when installed), periodic held-out NLL by the density formula with the EMA weights, atomic
+checkpoints and bit-for-bit resumption.
+
+Devices and precision. The network, its weights and the optimiser live on ``TrainConfig.device`` (``"cuda"`` when
+available, else ``"cpu"``; ``"cuda:N"`` and ``"mps"`` too); ``TrainConfig.precision`` autocasts the network's
+forward pass only (``"bf16"``, or ``"fp16"`` with a gradient scaler). The keyed noise, the loss and its sums are
+computed on the host in float32/float64 and are therefore the same bits on every device.
 
 Reproducibility. Three separate sources of randomness, none of them global state:
 
 * data order: one ``torch.randperm`` per epoch under a generator seeded by ``(seed, epoch)``;
 * training noise: ``lam``, ``z``, dequantisation ``u`` and label dropout of each example are a pure function
-  of ``(seed, step, global example index)`` (Philox, :mod:`scoredensity.losses`), so results do not depend on
+  of ``(seed, step, global example index)`` (Philox, :mod:`scoredensity.rng`), so results do not depend on
   batch splitting or on the number of processes;
 * evaluation: the formula's own seed (fixed per run), and a fixed generator for dequantising test points.
 
 So a checkpoint needs only the weights, the EMA, the optimiser state, the adaptive sampler's statistics and
 the step to continue a run exactly (torch's global RNG state is saved as well, for completeness).
+
+Failure behaviour. One process at a time trains a run folder (an OS lock, :mod:`scoredensity.runlock`); a folder
+that is neither empty nor a run is refused; a run stopped before its first checkpoint can be restarted or resumed
+from step 0; a non-finite loss or weight stops training with :class:`TrainingDiverged` and keeps the last good
+checkpoint; SIGTERM and SIGINT save a checkpoint and raise :class:`TrainingInterrupted`; the data's fingerprint is
+stored and checked on resume.
 
 Distributed: run the same call in every process of an initialised ``torch.distributed`` group (e.g. under
 ``torchrun``); the global batch is split over the processes and gradients are summed
@@ -23,13 +35,16 @@ Distributed: run the same call in every process of an initialised ``torch.distri
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +60,7 @@ from .checkpoint import (
     CONFIG_NAME,
     CheckpointError,
     check_state_dict,
+    data_fingerprint,
     flatten_optimizer_state,
     load_checkpoint,
     read_config,
@@ -52,15 +68,56 @@ from .checkpoint import (
     unflatten_optimizer_state,
     write_json_atomic,
 )
+from .config_schema import TRAIN_SCHEMA, ConfigError, check_run_config, check_section, check_step
+from .epsfn import PRECISIONS, autocast_context
 from .losses import LAM_SAMPLINGS, WEIGHTINGS, LamSampler, dsm_loss, keyed_uniforms
 from .nets import build_denoiser, denoiser_config, eval_eps_fn
 from .rng import Stream
+from .runlock import METRICS_NAME, RunLock, foreign_entries, remove_orphans
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate_model", "data_std", "KILL_ENV", "METRICS_NAME"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "train",
+    "evaluate_model",
+    "data_std",
+    "KILL_ENV",
+    "METRICS_NAME",
+    "PROGRESS_SECONDS",
+]
 
 KILL_ENV = "SCOREDENSITY_KILL_AFTER_CHECKPOINT"
 """Testing hook: when set to a step N, the process SIGKILLs itself right after writing the checkpoint of step N."""
-METRICS_NAME = "metrics.jsonl"
+PROGRESS_SECONDS = 10.0
+"""Seconds between plain progress lines when stderr is not a terminal (a log file)."""
+FP16_SKIP_LIMIT = 50
+"""fp16 only: consecutive steps with non-finite gradients (skipped by the gradient scaler) that count as divergence."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite; the last good checkpoint on disk is kept.
+
+    Attributes:
+        step: the step at which it was detected. checkpoint_step: the step of the checkpoint kept (None: none yet).
+    """
+
+    def __init__(self, message: str, step: int, checkpoint_step: int | None):
+        super().__init__(message)
+        self.step, self.checkpoint_step = step, checkpoint_step
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped training after a checkpoint of the current step was saved.
+
+    Attributes:
+        signum: the signal number. step: the step saved (the run resumes from it).
+    """
+
+    def __init__(self, message: str, signum: int, step: int):
+        super().__init__(message)
+        self.signum, self.step = signum, step
 
 
 @dataclass
@@ -82,6 +139,10 @@ class TrainConfig:
         eval_every, eval_n, eval_n_t, eval_n_z, eval_final: periodic/final held-out NLL (0 = never periodic).
         checkpoint_every, log_every: in steps (a checkpoint is always written at the last step).
         threads: ``torch.set_num_threads`` (0 leaves it alone).
+        device: where the network trains: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (default ``"cuda"``
+            when available, else ``"cpu"``). A resumed run may move to another device.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the network's forward pass only (the loss
+            and every sum stay in float32/float64); ``"fp16"`` uses a gradient scaler.
     """
 
     steps: int = 2000
@@ -110,15 +171,23 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     threads: int = 0
+    device: str = field(default_factory=lambda: D.default_device())
+    precision: str = "fp32"
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting."""
+        """Raise ``ValueError`` naming the first bad setting (type, range or combination)."""
+        try:
+            check_section("TrainConfig", "train", self.to_dict(), TRAIN_SCHEMA)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.lam_sampling not in LAM_SAMPLINGS:
@@ -135,12 +204,18 @@ class TrainConfig:
             raise ValueError("checkpoint_every and log_every must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict (``betas`` as a list)."""
         d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
+        d["betas"] = list(self.betas) if isinstance(self.betas, list | tuple) else self.betas
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; keys missing from ``d`` take their defaults.
+
+        Raises:
+            ValueError: unknown keys.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -213,23 +288,36 @@ def _write_metrics(path: Path, rec: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after ``step`` (by a run that died before its next checkpoint)."""
+    """Drop the metric records of steps after ``step`` (written by a run that died before its next checkpoint).
+
+    Only lines this trainer writes are touched: a JSON object with an integer ``step`` above ``step``, or a torn
+    last line without its newline (a write cut by a kill). Every other line is kept byte for byte. The file is
+    rewritten atomically, and only when something is dropped."""
     if not path.is_file():
         return
+    text = path.read_text(errors="surrogateescape")
+    lines = text.split("\n")
+    torn = lines.pop() if lines else ""  # "" when the file ends with a newline
     keep = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
+            rec = json.loads(line)
         except json.JSONDecodeError:
-            continue
-    path.write_text("".join(s + "\n" for s in keep))
+            rec = None
+        ours = isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool)
+        if not (ours and rec["step"] > step):
+            keep.append(line)
+    if len(keep) == len(lines) and not torn:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(s + "\n" for s in keep), errors="surrogateescape")
+    os.replace(tmp, path)
 
 
 def _tensorboard(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
+    except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -280,16 +368,24 @@ def evaluate_model(
     x_model = dataset.to_model(xs, generator=g)
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
+    device = next(iter(model.parameters()), torch.empty(0)).device
     eps_fn = eval_eps_fn(model)
     try:
         ld = log_density(
-            eps_fn, x_model, n_t=n_t, n_z=n_z, lam_min=lam_min, lam_max=lam_max, seed=seed, progress=progress
+            eps_fn,
+            x_model.to(device),
+            n_t=n_t,
+            n_z=n_z,
+            lam_min=lam_min,
+            lam_max=lam_max,
+            seed=seed,
+            progress=progress,
         )
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
         model.train(was_training)
-    nll_model = -ld.logp
+    nll_model = -ld.logp.detach().cpu()
     nll = nll_model - dataset.log_jacobian(x_model)
     b = len(nll)
     res: dict[str, Any] = {
@@ -340,6 +436,481 @@ def _resolve_data(data) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in data.items()}
 
 
+@dataclass
+class _RunSpec:
+    """What a call of :func:`train` will do, resolved before the folder is touched.
+
+    ``net_cfg`` is the stored network (resume) or None (built from the data); ``stored`` the stored
+    ``config.json`` (resume) or None."""
+
+    run_dir: Path
+    cfg: TrainConfig
+    data_args: dict[str, Any]
+    net_cfg: dict | None
+    resume: bool
+    stored: dict | None
+
+
+def _resolve_run(run_dir, data, config, resume: bool, steps: int | None, device: str | None) -> _RunSpec:
+    """Settings of a new or resumed run, checked (types, ranges, schema of a stored ``config.json``)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out {str(run_dir)!r} is a file, not a folder")
+    stored = None
+    if resume:
+        if not (run_dir / CONFIG_NAME).is_file() and not (run_dir / CHECKPOINT_NAME).is_file():
+            where = "folder does not exist" if not run_dir.is_dir() else f"no {CONFIG_NAME} or {CHECKPOINT_NAME}"
+            raise CheckpointError(f"nothing to resume in {str(run_dir)!r} ({where})")
+        stored = read_config(run_dir)  # schema-checked
+        if data is not None and _resolve_data(data) != stored["data"]:
+            raise CheckpointError(
+                f"cannot resume {str(run_dir)!r} with other data: stored {stored['data']}, given {_resolve_data(data)}"
+            )
+        data_args = stored["data"]
+        train_dict = {k: v for k, v in stored["train"].items() if k != "device"}
+        cfg = TrainConfig.from_dict(train_dict)  # the device is the machine's, not the run's
+        net_cfg = stored["net"]
+    else:
+        _refuse_foreign(run_dir)  # before the lock file is made there (again under the lock)
+        if data is None:
+            raise ValueError("data is required for a new run")
+        data_args = _resolve_data(data)
+        cfg = dataclasses.replace(config) if config is not None else TrainConfig()
+        net_cfg = None
+    if steps is not None:
+        cfg.steps = steps
+    if device is not None:
+        cfg.device = device
+    cfg.validate()
+    D.resolve_device(cfg.device)  # a clear error now if it is not available
+    return _RunSpec(run_dir, cfg, data_args, net_cfg, resume, stored)
+
+
+def _load_training_data(data_args: dict, batch_size: int):
+    """The run's data set, checked: finite in float32 and at least one batch of training examples."""
+    from .data import DataError, load_dataset
+
+    dataset = load_dataset(**data_args)
+    if dataset.levels is None:
+        for key in ("x_train", "x_test"):
+            x = getattr(dataset, key)
+            finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+            if not finite.all():
+                rows = (~finite).nonzero().flatten()[:10].tolist()
+                raise DataError(
+                    f"{dataset.meta.get('source', dataset.name)}: {key} has values beyond the float32 range "
+                    f"(|x| > 3.4e38, infinite after the cast to float32) in rows {rows}"
+                )
+    if batch_size > len(dataset.x_train):
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(dataset.x_train)} training examples")
+    return dataset
+
+
+def _network_config(net: dict | None, cfg: TrainConfig, dataset) -> dict[str, Any]:
+    """A new run's network settings: defaults for the data's shape, the caller's overrides, and ``shape``,
+    ``data_std`` and ``num_classes`` filled in."""
+    net = dict(net or {})
+    kind = net.pop("type", "auto")
+    num_classes = 0
+    if cfg.conditional:
+        if dataset.num_classes is None:
+            raise ValueError(f"conditional training needs labels; {dataset.name!r} has none")
+        num_classes = dataset.num_classes
+    net_cfg = denoiser_config(dataset.shape, kind, **net)
+    # the MLP is preconditioned with the data's scale; the U-Net keeps data_std = 1, diffusers' own convention
+    # (then it exports exactly to a diffusers v-prediction UNet2DModel, see scoredensity.diffusers_io)
+    auto_std = data_std(dataset) if net_cfg["type"] == "mlp" else 1.0
+    net_cfg.update(shape=list(dataset.shape), data_std=float(net.get("data_std", auto_std)))
+    net_cfg["num_classes"] = num_classes
+    return net_cfg
+
+
+def _refuse_foreign(run_dir: Path) -> None:
+    """Refuse, for a new run, a folder holding files that no run writes (the user's own)."""
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        more = "" if len(foreign) <= 5 else f" and {len(foreign) - 5} more"
+        raise CheckpointError(
+            f"--out {str(run_dir)!r} is neither empty nor a scoredensity run folder "
+            f"(it holds {foreign[:5]}{more}); choose a new or empty folder"
+        )
+
+
+def _prepare_folder(spec: _RunSpec, full_config: dict) -> bool:
+    """Make the run folder ready (rank 0, holding the lock). Returns True when a checkpoint is to be resumed.
+
+    New run: refuse a folder with a checkpoint or with files no run writes; a folder whose earlier run stopped
+    before its first checkpoint is cleared. Resume: without a checkpoint the run restarts from step 0.
+    Orphaned temporary files of killed writes are removed in both cases."""
+    run_dir = spec.run_dir
+    ckpt = run_dir / CHECKPOINT_NAME
+    remove_orphans(run_dir)
+    if not spec.resume:
+        if ckpt.exists():
+            raise CheckpointError(
+                f"{str(run_dir)!r} already holds a training run; pass --resume to continue it or choose another --out"
+            )
+        _refuse_foreign(run_dir)
+        if (run_dir / CONFIG_NAME).exists():
+            print(
+                f"note: {run_dir} held a run that stopped before its first checkpoint; starting afresh", file=sys.stderr
+            )
+            for name in (CONFIG_NAME, METRICS_NAME):
+                (run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        write_json_atomic(run_dir / CONFIG_NAME, full_config)
+        return False
+    if spec.stored != full_config:
+        write_json_atomic(run_dir / CONFIG_NAME, full_config)  # e.g. more --steps, another device
+    if not ckpt.exists():
+        print(f"note: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
+        _truncate_metrics(run_dir / METRICS_NAME, 0)
+        return False
+    return True
+
+
+class _Progress:
+    """Progress of the steps: a tqdm bar (``"bar"``), plain lines on stderr every :data:`PROGRESS_SECONDS`
+    (``"lines"``, for log files) or nothing (``"off"``)."""
+
+    def __init__(self, mode: str, start: int, total: int):
+        self.mode, self.start, self.total = mode, start, total
+        self.t0 = self.last = time.perf_counter()
+        self.loss: float | None = None
+        self.bar = tqdm(desc="train", initial=start, total=total) if mode == "bar" else None
+
+    def update(self, step: int, loss: float) -> None:
+        self.loss = loss
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if self.mode == "lines" and (now - self.last >= PROGRESS_SECONDS or step == self.total):
+            self.last = now
+            print(self.line(step, now), file=sys.stderr, flush=True)
+
+    def line(self, step: int, now: float) -> str:
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+        loss = "" if self.loss is None else f", loss {self.loss:.4g}"
+        return (
+            f"train: step {step}/{self.total} ({100 * step / self.total:.0f}%){loss}, {rate:.1f} steps/s, ETA {eta_s}"
+        )
+
+    def postfix(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4g}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def _stop_signals(trainer: _Trainer):
+    """SIGTERM and SIGINT set ``trainer.signal`` instead of killing the process (main thread only); the loop then
+    saves a checkpoint and stops. The previous handlers are restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        trainer.signal = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _Trainer:
+    """The state of one training call and its steps (see :func:`train`, whose loop calls these methods)."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, dataset, full_config: dict, device: torch.device):
+        self.rank, self.world = D.rank_world()
+        self.run_dir, self.cfg, self.dataset, self.full_config, self.device = run_dir, cfg, dataset, full_config, device
+        self.ckpt_path = run_dir / CHECKPOINT_NAME
+        self.metrics_path = run_dir / METRICS_NAME
+        net_cfg = full_config["net"]
+        torch.manual_seed(cfg.seed)
+        self.model = build_denoiser(net_cfg).to(device)  # initialised on the CPU: the same weights on any device
+        if self.world > 1:
+            for p in self.model.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+        self.ema = copy.deepcopy(self.model)
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.sampler = LamSampler(cfg.lam_sampling, cfg.lam_min, cfg.lam_max, low_discrepancy=cfg.low_discrepancy)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self.num_classes = int(net_cfg.get("num_classes", 0))
+        self.order = _EpochOrder(len(dataset.x_train), cfg.batch_size, cfg.seed)
+        self.pos = D.shard(cfg.batch_size)
+        self.start = 0
+        self.saved_step: int | None = None
+        self.signal: int | None = None
+        self.skipped = 0
+        self.history: list[dict] = []
+        self.final_eval: dict | None = None
+        self.tb = None
+        self.win_loss, self.win_nll, self.win_n, self.win_t0 = 0.0, 0.0, 0, time.perf_counter()
+        self.t_start = time.perf_counter()
+
+    # -- initialise
+    def restore(self) -> None:
+        """Continue from the run's checkpoint (sanity-checked: step, settings, tensors)."""
+        tensors, meta = load_checkpoint(self.ckpt_path)
+        where = str(self.ckpt_path)
+        try:
+            meta_cfg = check_run_config(where, meta)
+            step = check_step(where, meta.get("step"), meta_cfg["train"].get("steps"))
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        if meta_cfg["net"] != self.full_config["net"]:
+            raise CheckpointError(f"{where}: checkpoint from another model configuration than {CONFIG_NAME}")
+        if meta_cfg["data"] != self.full_config["data"]:
+            raise CheckpointError(
+                f"{self.run_dir / CONFIG_NAME}: data settings {self.full_config['data']} differ from those the "
+                f"checkpoint was trained on {meta_cfg['data']} (edited?); restore them to resume"
+            )
+        stored_fp = meta.get("data_fingerprint")
+        if stored_fp is not None and stored_fp != self.full_config["data_fingerprint"]:
+            raise CheckpointError(_DATA_CHANGED.format(run=self.run_dir, name=self.full_config["data"]["name"]))
+        try:
+            _restore(self.model, self.ema, self.opt, self.sampler, self.scaler, tensors, meta, where)
+        except KeyError as e:
+            raise CheckpointError(f"{where}: incomplete checkpoint, entry {e} is missing") from None
+        self.start = self.saved_step = step
+
+    # -- one step
+    def draw_batch(self, step: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        """This process's share of the global batch of ``step``: model-space ``x`` [b, *shape] (keyed
+        dequantisation), labels [b] with keyed dropout (conditional runs) and global example indices [b]."""
+        cfg, ds = self.cfg, self.dataset
+        batch = self.order(step)[self.pos]
+        gidx = (step - 1) * cfg.batch_size + self.pos  # global example index
+        xs = ds.x_train[batch]
+        if ds.levels is not None:
+            u = keyed_uniforms(cfg.seed, step, gidx, ds.dim, stream=Stream.TRAIN_DEQUANT).reshape(xs.shape)
+            x = ds.to_model(xs, u=u.clamp(max=1 - 2**-53))
+        else:
+            x = ds.to_model(xs)
+        y = None
+        if self.num_classes > 0:
+            y = ds.y_train[batch].clone()
+            drop = keyed_uniforms(cfg.seed, step, gidx, 1, stream=Stream.TRAIN_LABEL_DROP)[:, 0] < cfg.label_dropout
+            y[drop] = self.num_classes
+        return x, y, gidx
+
+    def _network(self, y: Tensor | None):
+        """The eps function of the loss: the network on the device, at the run's precision; in and out on the host."""
+        model, dev, prec = self.model, self.device, self.cfg.precision
+        y_dev = None if y is None else y.to(dev)
+
+        def fn(x_t: Tensor, t: Tensor) -> Tensor:
+            with autocast_context(prec, dev):
+                out = model(x_t.to(dev), t.to(dev), y_dev)
+            return out.float().to(x_t.device)
+
+        return fn
+
+    def optimiser_step(self, step: int, x: Tensor, y: Tensor | None, gidx: Tensor) -> dict[str, float]:
+        """Loss, gradients summed over processes, clipping, AdamW, EMA and sampler update of one step.
+
+        Raises:
+            TrainingDiverged: non-finite loss, gradients (fp32/bf16) or weights; nothing is updated or saved."""
+        cfg, params = self.cfg, self.params
+        lr = _lr_at(cfg, step)
+        for gr in self.opt.param_groups:
+            gr["lr"] = lr
+        out = dsm_loss(
+            self._network(y),
+            x,
+            weighting=cfg.weighting,
+            sampler=self.sampler,
+            seed=cfg.seed,
+            step=step,
+            index=gidx,
+            position=self.pos,
+            global_batch=cfg.batch_size,
+        )
+        loss = out.loss.sum() / cfg.batch_size
+        self.opt.zero_grad(set_to_none=False)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        for p in params:  # parameters this batch did not reach still take part in the all-reduce
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        stats = self.sampler.bin_stats(out.lam, out.integrand)
+        scal = torch.tensor(
+            [
+                float(out.loss.detach().sum()),
+                float(out.nll.sum()) if out.nll is not None else 0.0,
+                0.0 if self.signal is None else 1.0,
+            ],
+            dtype=torch.float64,
+        )
+        D.all_reduce_sum_([p.grad for p in params] + [stats, scal])
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        if cfg.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        else:
+            gnorm = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))
+        finite = math.isfinite(float(scal[0])) and math.isfinite(gnorm)
+        if not finite and self.scaler is None:
+            raise self._diverged(step, f"non-finite loss {float(scal[0]) / cfg.batch_size} or gradient norm {gnorm}")
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # skipped by the scaler when the gradients are not finite
+            self.scaler.update()
+            self.skipped = 0 if finite else self.skipped + 1
+            if self.skipped >= FP16_SKIP_LIMIT:
+                raise self._diverged(step, f"{self.skipped} consecutive fp16 steps with non-finite gradients")
+        else:
+            self.opt.step()
+        if not bool(torch.isfinite(torch.stack([p.detach().sum() for p in params]).sum())):
+            raise self._diverged(step, "non-finite weights after the optimiser step")
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                pe.lerp_(pm, 1 - decay)
+        if finite:
+            self.sampler.update(stats)
+        if scal[2] > 0 and self.signal is None:
+            self.signal = signal.SIGTERM  # another process was signalled: stop together
+        return {"loss": float(scal[0]), "nll": float(scal[1]), "lr": lr, "grad_norm": gnorm}
+
+    def _diverged(self, step: int, what: str) -> TrainingDiverged:
+        kept = (
+            f"the last good checkpoint (step {self.saved_step}) in {self.ckpt_path} is kept"
+            if self.saved_step is not None
+            else f"no checkpoint was written yet ({self.run_dir} can be restarted)"
+        )
+        hint = "lower --lr, or keep --grad-clip and --warmup on" if self.scaler is None else "lower --lr or use bf16"
+        return TrainingDiverged(f"training diverged at step {step}: {what}; {kept}. Try: {hint}", step, self.saved_step)
+
+    # -- bookkeeping
+    def metrics_window(self, step: int, rec: dict[str, float], progress: _Progress) -> None:
+        """Accumulate the step's loss; every ``log_every`` steps write one metrics record (rank 0)."""
+        cfg = self.cfg
+        self.win_loss += rec["loss"]
+        self.win_nll += rec["nll"]
+        self.win_n += cfg.batch_size
+        if self.rank != 0 or not (step % cfg.log_every == 0 or step == cfg.steps):
+            return
+        dt = time.perf_counter() - self.win_t0
+        out = {
+            "step": step,
+            "loss": self.win_loss / self.win_n,
+            "lr": rec["lr"],
+            "grad_norm": rec["grad_norm"],
+            "examples_per_s": self.win_n / max(dt, 1e-9),
+            "time": time.perf_counter() - self.t_start,
+        }
+        if cfg.weighting == "elbo":
+            out["train_nll_bound"] = self.win_nll / self.win_n
+        _write_metrics(self.metrics_path, out)
+        self.history.append(out)
+        if self.tb is not None:
+            for k in ("loss", "lr", "grad_norm"):
+                self.tb.add_scalar(k, out[k], step)
+        progress.postfix(out["loss"])
+        self.win_loss, self.win_nll, self.win_n, self.win_t0 = 0.0, 0.0, 0, time.perf_counter()
+
+    def evaluate_if_due(self, step: int) -> None:
+        """Held-out NLL of the EMA weights every ``eval_every`` steps and at the last step (rank 0)."""
+        cfg = self.cfg
+        last = step == cfg.steps
+        if not ((cfg.eval_every and step % cfg.eval_every == 0) or (last and cfg.eval_final and cfg.eval_n > 0)):
+            return
+        if self.rank == 0:
+            ev = evaluate_model(
+                self.ema,
+                self.dataset,
+                n=min(cfg.eval_n, len(self.dataset.x_test)),
+                n_t=cfg.eval_n_t,
+                n_z=cfg.eval_n_z,
+                lam_min=cfg.lam_min,
+                lam_max=cfg.lam_max,
+                seed=cfg.seed,
+            )
+            rec = {"step": step, "eval": ev}
+            _write_metrics(self.metrics_path, rec)
+            self.history.append(rec)
+            if self.tb is not None:
+                self.tb.add_scalar("eval/nll", ev["nll"], step)
+            if last:
+                self.final_eval = ev
+        D.barrier()
+
+    def checkpoint_if_due(self, step: int, kill_at: int | None) -> None:
+        """Save every ``checkpoint_every`` steps, at the last step and when a stop signal arrived."""
+        if not (step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps or self.signal is not None):
+            return
+        if self.rank == 0:
+            _save(self.ckpt_path, self.model, self.ema, self.opt, self.sampler, self.scaler, step, self.full_config)
+        self.saved_step = step
+        D.barrier()
+        if kill_at is not None and step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def stop_if_signalled(self, step: int) -> None:
+        """After the checkpoint of a signalled step: raise :class:`TrainingInterrupted`."""
+        if self.signal is None:
+            return
+        name = signal.Signals(self.signal).name
+        raise TrainingInterrupted(
+            f"stopped by {name} at step {step} of {self.cfg.steps}; checkpoint saved to {self.ckpt_path}; "
+            f"continue with: scoredensity train --resume --out {self.run_dir}",
+            self.signal,
+            step,
+        )
+
+    # -- the loop
+    def run(self, progress_mode: str) -> TrainResult:
+        cfg = self.cfg
+        kill_at = os.environ.get(KILL_ENV)
+        kill_at = int(kill_at) if kill_at else None
+        self.tb = _tensorboard(self.run_dir) if self.rank == 0 else None
+        progress = _Progress(progress_mode if self.rank == 0 else "off", self.start, cfg.steps)
+        self.model.train()
+        try:
+            with _stop_signals(self):
+                for step in range(self.start + 1, cfg.steps + 1):
+                    x, y, gidx = self.draw_batch(step)
+                    rec = self.optimiser_step(step, x, y, gidx)
+                    self.metrics_window(step, rec, progress)
+                    self.evaluate_if_due(step)
+                    self.checkpoint_if_due(step, kill_at)
+                    self.stop_if_signalled(step)
+                    progress.update(step, rec["loss"] / cfg.batch_size)
+        finally:
+            progress.close()
+            if self.tb is not None:
+                self.tb.close()
+        seconds = time.perf_counter() - self.t_start
+        done = max(cfg.steps - self.start, 0)
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=max(cfg.steps, self.start),
+            model=self.model,
+            ema=self.ema,
+            final_eval=self.final_eval,
+            seconds=seconds,
+            steps_per_second=done / seconds if seconds > 0 else 0.0,
+            history=self.history,
+        )
+
+
+_DATA_CHANGED = (
+    "{run}: the data {name!r} are not those the run was trained on (their fingerprint, a hash of the arrays and the "
+    "split, differs: a data file was replaced or edited, or the split settings changed)"
+)
+
+
 def train(
     run_dir: str | os.PathLike,
     data: str | dict | None = None,
@@ -349,246 +920,70 @@ def train(
     resume: bool = False,
     steps: int | None = None,
     progress: bool | None = None,
+    device: str | None = None,
 ) -> TrainResult:
     """Train (or resume) a denoiser; see the module docstring.
 
     Args:
-        run_dir: the run folder (created; must not already hold a run unless ``resume``).
+        run_dir: the run folder (created; it must be new, empty, or hold a run that stopped before its first
+            checkpoint, unless ``resume``).
         data: a name/path for :func:`scoredensity.data.load_dataset` or a dict of its arguments
             (``name``, ``seed``, ``test_fraction``, ``n``, ``logit``, ``root``, ``levels``). Optional when resuming.
         net: network settings: a full config (with ``type``) or overrides of :func:`scoredensity.nets.denoiser_config`
             (e.g. ``{"hidden": 128, "blocks": 2}``). ``shape``, ``num_classes`` and (MLP only; the U-Net keeps
             diffusers' convention ``data_std = 1``) ``data_std`` are filled in.
         config: :class:`TrainConfig`. Ignored when resuming (the stored one is used), except ``steps``.
-        resume: continue the run in ``run_dir`` from its checkpoint.
+        resume: continue the run in ``run_dir`` from its checkpoint (from step 0 if it has none yet).
         steps: total steps (overrides ``config.steps``; may extend a resumed run).
-        progress: tqdm bar (default: when stderr is a terminal).
+        progress: True: a tqdm bar; False: nothing; None (default): the bar when stderr is a terminal, else a plain
+            progress line every :data:`PROGRESS_SECONDS` seconds.
+        device: overrides ``config.device`` (and the stored device when resuming; default there: this machine's).
 
     Returns:
-        :class:`TrainResult`.
+        :class:`TrainResult` (its networks on the training device).
 
     Raises:
-        CheckpointError: resume with nothing to resume, a run folder already in use, a corrupt checkpoint, or
-            a checkpoint from another configuration. ValueError / DataError: bad settings or data.
+        CheckpointError: resume with nothing to resume, a run folder locked by another process
+            (:class:`~scoredensity.runlock.RunLockedError`), a folder that is not a run, a corrupt or crafted
+            checkpoint or config, a checkpoint from another configuration, or changed data.
+        TrainingDiverged: non-finite loss or weights (the last good checkpoint is kept).
+        TrainingInterrupted: SIGTERM/SIGINT (a checkpoint of the current step was saved first).
+        ValueError / DataError: bad settings or data.
     """
-    from .data import load_dataset
-
-    rank, world = D.rank_world()
-    run_dir = Path(run_dir)
-    ckpt_path = run_dir / CHECKPOINT_NAME
-    metrics_path = run_dir / METRICS_NAME
-
-    if resume:
-        if not ckpt_path.is_file():
-            where = "folder does not exist" if not run_dir.is_dir() else f"no {CHECKPOINT_NAME}"
-            raise CheckpointError(f"nothing to resume in {str(run_dir)!r} ({where})")
-        stored = read_config(run_dir)
-        if data is not None and _resolve_data(data) != stored["data"]:
-            raise CheckpointError(
-                f"cannot resume {str(run_dir)!r} with other data: stored {stored['data']}, given {_resolve_data(data)}"
-            )
-        data_args = stored["data"]
-        cfg = TrainConfig.from_dict(stored["train"])
-        net_cfg = stored["net"]
-    else:
-        if (run_dir / CONFIG_NAME).exists() or ckpt_path.exists():
-            raise CheckpointError(
-                f"{str(run_dir)!r} already holds a training run; pass --resume to continue it or choose another --out"
-            )
-        if data is None:
-            raise ValueError("data is required for a new run")
-        data_args = _resolve_data(data)
-        cfg = dataclasses.replace(config) if config is not None else TrainConfig()
-        net_cfg = None
-    if steps is not None:
-        cfg.steps = int(steps)
-    cfg.validate()
+    rank, _ = D.rank_world()
+    spec = _resolve_run(run_dir, data, config, resume, steps, device)
+    cfg = spec.cfg
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-
-    dataset = load_dataset(**data_args)
-    if net_cfg is None:
-        net = dict(net or {})
-        kind = net.pop("type", "auto")
-        num_classes = 0
-        if cfg.conditional:
-            if dataset.num_classes is None:
-                raise ValueError(f"conditional training needs labels; {dataset.name!r} has none")
-            num_classes = dataset.num_classes
-        net_cfg = denoiser_config(dataset.shape, kind, **net)
-        # the MLP is preconditioned with the data's scale; the U-Net keeps data_std = 1, diffusers' own convention
-        # (then it exports exactly to a diffusers v-prediction UNet2DModel, see scoredensity.diffusers_io)
-        auto_std = data_std(dataset) if net_cfg["type"] == "mlp" else 1.0
-        net_cfg.update(shape=list(dataset.shape), data_std=float(net.get("data_std", auto_std)))
-        net_cfg["num_classes"] = num_classes
-    full_config = {"version": 1, "data": data_args, "net": net_cfg, "train": cfg.to_dict()}
-
-    torch.manual_seed(cfg.seed)
-    model = build_denoiser(net_cfg)
-    if world > 1:
-        for p in model.parameters():
-            torch.distributed.broadcast(p.data, src=0)
-    ema = copy.deepcopy(model)
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    sampler = LamSampler(cfg.lam_sampling, cfg.lam_min, cfg.lam_max, low_discrepancy=cfg.low_discrepancy)
-
-    start = 0
-    if resume:
-        tensors, meta = load_checkpoint(ckpt_path)
-        if meta.get("net") != net_cfg:
-            raise CheckpointError(f"{ckpt_path}: checkpoint from another model configuration than {CONFIG_NAME}")
-        _restore(model, ema, opt, sampler, tensors, meta, str(ckpt_path))
-        start = int(meta["step"])
+    dataset = _load_training_data(spec.data_args, cfg.batch_size)
+    net_cfg = spec.net_cfg if spec.net_cfg is not None else _network_config(net, cfg, dataset)
+    fingerprint = data_fingerprint(dataset)
+    stored_fp = None if spec.stored is None else spec.stored.get("data_fingerprint")
+    if stored_fp is not None and stored_fp != fingerprint:
+        raise CheckpointError(_DATA_CHANGED.format(run=spec.run_dir, name=spec.data_args["name"]))
+    full_config = {
+        "version": 2,
+        "data": spec.data_args,
+        "net": net_cfg,
+        "train": cfg.to_dict(),
+        "data_fingerprint": fingerprint,
+    }
+    dev = D.resolve_device(cfg.device)
+    with RunLock(spec.run_dir) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
-            _truncate_metrics(metrics_path, start)
-    elif rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / CONFIG_NAME, full_config)
-    D.barrier()
-
-    if progress is None:
-        progress = sys.stderr.isatty()
-    tb = _tensorboard(run_dir) if rank == 0 else None
-    order = _EpochOrder(len(dataset.x_train), cfg.batch_size, cfg.seed)
-    pos = D.shard(cfg.batch_size)
-    params = [p for p in model.parameters()]
-    kill_at = os.environ.get(KILL_ENV)
-    kill_at = int(kill_at) if kill_at else None
-    cond = net_cfg.get("num_classes", 0) > 0
-    history: list[dict] = []
-    final_eval = None
-    win_loss, win_nll, win_n, win_t0 = 0.0, 0.0, 0, time.perf_counter()
-    t_start = time.perf_counter()
-    bar = tqdm(
-        range(start + 1, cfg.steps + 1), desc="train", disable=not progress or rank != 0, initial=start, total=cfg.steps
-    )
-    model.train()
-    for step in bar:
-        batch = order(step)[pos]
-        gidx = (step - 1) * cfg.batch_size + pos  # global example index
-        xs = dataset.x_train[batch]
-        if dataset.levels is not None:
-            u = keyed_uniforms(cfg.seed, step, gidx, dataset.dim, stream=Stream.TRAIN_DEQUANT).reshape(xs.shape)
-            x = dataset.to_model(xs, u=u.clamp(max=1 - 2**-53))
-        else:
-            x = dataset.to_model(xs)
-        y = None
-        if cond:
-            y = dataset.y_train[batch].clone()
-            drop = keyed_uniforms(cfg.seed, step, gidx, 1, stream=Stream.TRAIN_LABEL_DROP)[:, 0] < cfg.label_dropout
-            y[drop] = net_cfg["num_classes"]
-        lr = _lr_at(cfg, step)
-        for gr in opt.param_groups:
-            gr["lr"] = lr
-
-        def fn(x_t, t, _y=y):
-            return model(x_t, t, _y)
-
-        out = dsm_loss(
-            fn,
-            x,
-            weighting=cfg.weighting,
-            sampler=sampler,
-            seed=cfg.seed,
-            step=step,
-            index=gidx,
-            position=pos,
-            global_batch=cfg.batch_size,
-        )
-        loss = out.loss.sum() / cfg.batch_size
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        for p in params:  # parameters this batch did not reach still take part in the all-reduce
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        stats = sampler.bin_stats(out.lam, out.integrand)
-        scal = torch.tensor(
-            [float(out.loss.detach().sum()), float(out.nll.sum()) if out.nll is not None else 0.0],
-            dtype=torch.float64,
-        )
-        D.all_reduce_sum_([p.grad for p in params] + [stats, scal])
-        if cfg.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        else:
-            gnorm = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-        sampler.update(stats)
-
-        win_loss += float(scal[0])
-        win_nll += float(scal[1])
-        win_n += cfg.batch_size
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            dt = time.perf_counter() - win_t0
-            rec = {
-                "step": step,
-                "loss": win_loss / win_n,
-                "lr": lr,
-                "grad_norm": gnorm,
-                "examples_per_s": win_n / max(dt, 1e-9),
-                "time": time.perf_counter() - t_start,
-            }
-            if cfg.weighting == "elbo":
-                rec["train_nll_bound"] = win_nll / win_n
-            _write_metrics(metrics_path, rec)
-            history.append(rec)
-            if tb is not None:
-                for k in ("loss", "lr", "grad_norm"):
-                    tb.add_scalar(k, rec[k], step)
-            bar.set_postfix(loss=f"{rec['loss']:.4g}")
-            win_loss, win_nll, win_n, win_t0 = 0.0, 0.0, 0, time.perf_counter()
-
-        last = step == cfg.steps
-        if (cfg.eval_every and step % cfg.eval_every == 0) or (last and cfg.eval_final and cfg.eval_n > 0):
+            _prepare_folder(spec, full_config)
+        D.barrier()
+        trainer = _Trainer(spec.run_dir, cfg, dataset, full_config, dev)
+        if (spec.run_dir / CHECKPOINT_NAME).is_file():
+            trainer.restore()
             if rank == 0:
-                ev = evaluate_model(
-                    ema,
-                    dataset,
-                    n=min(cfg.eval_n, len(dataset.x_test)),
-                    n_t=cfg.eval_n_t,
-                    n_z=cfg.eval_n_z,
-                    lam_min=cfg.lam_min,
-                    lam_max=cfg.lam_max,
-                    seed=cfg.seed,
-                )
-                rec = {"step": step, "eval": ev}
-                _write_metrics(metrics_path, rec)
-                history.append(rec)
-                if tb is not None:
-                    tb.add_scalar("eval/nll", ev["nll"], step)
-                if last:
-                    final_eval = ev
-            D.barrier()
-
-        if step % cfg.checkpoint_every == 0 or last:
-            if rank == 0:
-                _save(ckpt_path, model, ema, opt, sampler, step, full_config)
-            D.barrier()
-            if kill_at is not None and step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-    if tb is not None:
-        tb.close()
-    seconds = time.perf_counter() - t_start
-    done = max(cfg.steps - start, 0)
-    return TrainResult(
-        run_dir=run_dir,
-        step=max(cfg.steps, start),
-        model=model,
-        ema=ema,
-        final_eval=final_eval,
-        seconds=seconds,
-        steps_per_second=done / seconds if seconds > 0 else 0.0,
-        history=history,
-    )
+                _truncate_metrics(trainer.metrics_path, trainer.start)
+        D.barrier()
+        mode = "off" if progress is False else "bar" if progress or sys.stderr.isatty() else "lines"
+        return trainer.run(mode)
 
 
-def _save(path: Path, model, ema, opt, sampler: LamSampler, step: int, full_config: dict) -> None:
+def _save(path: Path, model, ema, opt, sampler: LamSampler, scaler, step: int, full_config: dict) -> None:
     tensors: dict[str, Tensor] = {}
     tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
@@ -601,13 +996,16 @@ def _save(path: Path, model, ema, opt, sampler: LamSampler, step: int, full_conf
         "net": full_config["net"],
         "train": full_config["train"],
         "data": full_config["data"],
+        "data_fingerprint": full_config["data_fingerprint"],
         "optimizer": opt_doc,
         "sampler": sampler.config(),
     }
+    if scaler is not None:
+        meta["grad_scaler"] = scaler.state_dict()
     save_checkpoint(path, tensors, meta)
 
 
-def _restore(model, ema, opt, sampler: LamSampler, tensors: dict, meta: dict, where: str) -> None:
+def _restore(model, ema, opt, sampler: LamSampler, scaler, tensors: dict, meta: dict, where: str) -> None:
     def sub(prefix: str) -> dict[str, Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -617,8 +1015,13 @@ def _restore(model, ema, opt, sampler: LamSampler, tensors: dict, meta: dict, wh
         mod.load_state_dict(st)
     try:
         opt.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{where}: optimiser state does not fit this model ({e})") from None
-    sampler.load_state_dict(sub("sampler."))
+    try:
+        sampler.load_state_dict(sub("sampler."))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: log-SNR sampler state is missing or does not fit ({e})") from None
+    if scaler is not None and isinstance(meta.get("grad_scaler"), dict):
+        scaler.load_state_dict(meta["grad_scaler"])
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])

@@ -1,14 +1,24 @@
 """``scoredensity train``: train a denoiser with the likelihood-weighted loss (a thin layer over
-:func:`scoredensity.train.train`). Runs under ``torchrun`` too (gloo on CPU)."""
+:func:`scoredensity.train.train`). Runs under ``torchrun`` too (nccl on CUDA, gloo on the CPU).
+
+Exit codes: 0 trained; 2 bad settings, data or run folder (one-line error); 3 training diverged (the last good
+checkpoint is kept); 75 the run folder is locked by another training process (try again later); 130 stopped by
+SIGINT and 143 stopped by SIGTERM, in both cases after saving a checkpoint of the current step."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 NAME = "train"
 HELP = "train a diffusion denoiser on a data set (mixture presets, toys, digits, mnist, cifar10, paths)"
+
+EXIT_DIVERGED = 3
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another process holds the run folder
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,16 +71,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu; a resumed run may change it)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default=d.precision,
+        help="autocast of the network's forward pass (fp16 with a gradient scaler; the loss stays float32/64)",
+    )
+    g.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (default: a bar on a terminal, a plain line every ~10 s in a log file)",
+    )
     p.add_argument("--json", action="store_true", help="print the final evaluation as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train; print the final held-out evaluation. Returns the exit code."""
+    """Train; print the final held-out evaluation. Returns the exit code (see the module docstring)."""
     from .. import distributed as D
-    from ..train import TrainConfig, train
+    from ..runlock import RunLockedError
+    from ..train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
-    distributed = D.init_from_env()
+    distributed = D.init_from_env(device=args.device)
     if not args.resume and not args.data:
         raise ValueError("--data is required (unless --resume)")
     data = None
@@ -114,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
         threads=args.threads,
+        precision=args.precision,
+        **({"device": args.device} if args.device else {}),
     )
     rank = D.rank_world()[0]
     try:
@@ -125,7 +153,17 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             steps=args.steps,
             progress=False if args.no_progress else None,
+            device=args.device,
         )
+    except RunLockedError as e:
+        print(f"scoredensity train: error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    except TrainingDiverged as e:
+        print(f"scoredensity train: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except TrainingInterrupted as e:
+        print(f"scoredensity train: {e}", file=sys.stderr)
+        return EXIT_SIGTERM if e.signum == signal.SIGTERM else EXIT_SIGINT
     finally:
         if distributed:
             import torch.distributed as dist
