@@ -27,12 +27,19 @@ does: ``||eps||^2 / 2 ≈ t ||y||^2 / 2`` fluctuates by ``O(sqrt(d))`` for every
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .epsfn import EpsFn, call_eps, check_data
+from .epsfn import (
+    EpsFn,
+    call_eps,
+    check_data,
+    check_int,
+    check_precision,
+    default_max_batch,
+    resolve_lam_range,
+    resolve_max_batch,
+)
 from .formula import (
     _resolve_control_variate,
     control_variate_integral,
@@ -74,12 +81,15 @@ def _integrand(
     z: Tensor,
     probes: Tensor | None,
     gauss: GaussianMixture | _StdNormal | None,
+    cond: Tensor | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
     """One-draw integrand ``-div b_1 - ||eps||^2 / 2`` (minus the control variate's), per row [N] float64.
 
     Args:
         x0: [N, *shape] data rows. lam: [N] float64. z: [N, *shape] noise.
         probes: [n, N, *shape] Hutchinson probes, or ``None`` for the exact divergence.
+        cond: [N, ...] row-aligned condition or ``None``. precision: autocast of the network call.
     """
     lam = lam.to(x0.device)
     t = torch.sigmoid(-lam)
@@ -88,7 +98,8 @@ def _integrand(
     s = t.sqrt().reshape(shape)
     with torch.enable_grad():
         y = (a * x0.to(torch.float64) + s * z.to(torch.float64)).to(x0.dtype).detach().requires_grad_(True)
-        eps = call_eps(eps_fn, y, t)
+        extra = () if cond is None else (cond,)
+        eps = call_eps(eps_fn, y, t, *extra, precision=precision)
         sq = eps.flatten(1).to(torch.float64).pow(2).sum(1)
         if gauss is not None:
             # the reference Gaussian lives on the CPU; autograd follows the transfers
@@ -104,11 +115,11 @@ def elbo(
     eps_fn: EpsFn,
     x: Tensor,
     *,
-    n_t: int = 256,
+    n_t: int = 128,
     probe: str = "rademacher",
     n_probes: int = 1,
-    lam_min: float = -20.0,
-    lam_max: float = 20.0,
+    lam_min: float | None = None,
+    lam_max: float | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
     importance: str | LambdaProposal = "adaptive",
@@ -116,6 +127,9 @@ def elbo(
     pilot_nodes: int = 16,
     pilot_examples: int = 64,
     example_ids: Tensor | None = None,
+    cond: Tensor | None = None,
+    precision: str = "fp32",
+    max_batch: int | None = None,
 ) -> LogDensity:
     """Continuous-time ELBO of the plug-in reverse SDE in divergence form (seed 001), per example in nats.
 
@@ -130,9 +144,12 @@ def elbo(
             so the standard error is honest).
         probe: ``"rademacher"``, ``"gaussian"`` (Hutchinson) or ``"exact"`` (``d`` vjps per draw: small d).
         n_probes: Hutchinson probes per draw (ignored for ``exact``).
-        lam_min, lam_max: log-SNR range, closed by the formula's exact end terms.
-        seed: randomness keyed by (seed, example index): results do not depend on ``chunk_size``.
-        chunk_size: rows per ``eps_fn`` call (default ~2^20 / d).
+        lam_min, lam_max: log-SNR range, closed by the formula's exact end terms; ``None``: the model's own
+            ``eps_fn.lam_range``, else [-20, 20].
+        seed: randomness keyed by (seed, example index): results do not depend on ``max_batch``.
+        chunk_size: deprecated alias of ``max_batch``.
+        max_batch: rows per ``eps_fn`` call (default from a memory budget; each row keeps its autograd graph
+            until its chunk is done).
         importance: ``"adaptive"`` (pilot of ``pilot_nodes`` uniform draws on up to ``pilot_examples``
             examples, proposal ∝ RMS of the integrand; pilot values are not reused), ``"uniform"`` or a
             :class:`LambdaProposal`.
@@ -141,6 +158,8 @@ def elbo(
         example_ids: [B] integer keys of the examples' random streams (default ``0..B-1``); pass global indices
             when a data set is evaluated in batches or shards (with a fixed ``importance=`` proposal and control
             variate, each example's result then does not depend on the batching).
+        cond: [B, ...] per-example condition: ``eps_fn(x_t, t, cond_rows)`` with rows aligned to ``x_t``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the network only (sums stay float64).
 
     ``x`` may live on any device (``eps_fn`` is called there); the result is on the CPU.
 
@@ -152,19 +171,24 @@ def elbo(
     x = check_data(x)
     if probe not in (*PROBES, "exact"):
         raise ValueError(f"probe must be one of {(*PROBES, 'exact')}, got {probe!r}")
-    if n_t < 2 or n_t % 2:
+    n_t = check_int("n_t", n_t, 2)
+    if n_t % 2:
         raise ValueError(f"n_t must be even and >= 2 (two draws per stratum), got {n_t}")
-    if n_probes < 1:
-        raise ValueError(f"n_probes must be >= 1, got {n_probes}")
-    if not (math.isfinite(lam_min) and math.isfinite(lam_max)) or not lam_max > lam_min:
-        raise ValueError(f"need finite lam_min < lam_max, got [{lam_min}, {lam_max}]")
+    n_probes = check_int("n_probes", n_probes)
+    pilot_nodes = check_int("pilot_nodes", pilot_nodes)
+    pilot_examples = check_int("pilot_examples", pilot_examples)
+    lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
+    precision = check_precision(precision)
     b, shape, d = x.shape[0], x.shape[1:], x[0].numel()
+    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != b):
+        raise ValueError(f"cond must be a tensor with one row per example ({b})")
+    if max_batch is None and chunk_size is None:
+        max_batch = default_max_batch(d, copies=32)  # autograd keeps the graph of a chunk: a smaller default
+    chunk_size = resolve_max_batch(max_batch, d, chunk_size)
     keys = torch.arange(b) if example_ids is None else torch.as_tensor(example_ids).long().flatten().cpu()
     if keys.shape != (b,):
         raise ValueError(f"example_ids must have one entry per example ({b}), got shape {tuple(keys.shape)}")
     x_cpu = x.detach().cpu()
-    if chunk_size is None:
-        chunk_size = max(1, (1 << 20) // d)
     gauss: GaussianMixture | _StdNormal | None
     if control_variate == "prior":
         gauss = _StdNormal()
@@ -185,7 +209,8 @@ def elbo(
         for s in range(0, len(ex), chunk_size):
             sl = slice(s, min(s + chunk_size, len(ex)))
             pr = None if probes is None else probes[:, sl]
-            out[sl] = _integrand(eps_fn, x[ex[sl]], lam[sl], z[sl], pr, gauss)
+            c = None if cond is None else cond[ex[sl]]
+            out[sl] = _integrand(eps_fn, x[ex[sl]], lam[sl], z[sl], pr, gauss, c, precision)
         return out
 
     # ---- proposal over log-SNR
@@ -255,5 +280,7 @@ def elbo(
             "seed": seed,
             "vjp": vjp,
             "cost": nfe + vjp,
+            "precision": precision,
+            "max_batch": chunk_size,
         },
     )

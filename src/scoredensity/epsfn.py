@@ -23,6 +23,7 @@ __all__ = [
     "resolve_max_batch",
     "resolve_lam_range",
     "check_int",
+    "check_precision",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -50,6 +51,17 @@ def autocast_context(precision: str, device: torch.device | str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` checked to be one of :data:`PRECISIONS`.
+
+    Raises:
+        ValueError: naming the option and the accepted values.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
 
 
 def call_eps(eps_fn: EpsFn, x_t: Tensor, t: Tensor, *cond: Tensor, precision: str = "fp32") -> Tensor:

@@ -34,7 +34,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .decoders import discretized_gaussian_log_likelihood, end_terms
-from .epsfn import EpsFn, call_eps, check_data
+from .epsfn import (
+    DEFAULT_LAM_RANGE,
+    EpsFn,
+    call_eps,
+    check_data,
+    check_int,
+    check_precision,
+    resolve_lam_range,
+    resolve_max_batch,
+)
 from .logdensity import LogDensity
 from .mixtures import GaussianMixture
 from .proposals import LambdaProposal
@@ -51,7 +60,6 @@ __all__ = [
     "DEFAULT_LAM_RANGE",
 ]
 
-DEFAULT_LAM_RANGE = (-20.0, 20.0)
 SCHEMES = ("stratified", "mc", "quadrature")
 
 
@@ -176,7 +184,7 @@ def _resolve_control_variate(control_variate, x: Tensor) -> GaussianMixture | No
 class _Evaluator:
     """Evaluates the (control-variated) integrand on rows (example, lam, z) in memory-bounded chunks."""
 
-    def __init__(self, eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress, cond=None):
+    def __init__(self, eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress, cond=None, precision="fp32"):
         self.eps_fn = eps_fn
         self.cond = cond
         self.x = x
@@ -185,6 +193,7 @@ class _Evaluator:
         self.work_dtype = work_dtype
         self.chunk_size = chunk_size
         self.progress = progress
+        self.precision = precision
         self.calls = 0
 
     def __call__(self, ex_idx: Tensor, lam: Tensor, z: Tensor, desc: str = "") -> Tensor:
@@ -204,7 +213,7 @@ class _Evaluator:
             sg = t.sqrt().reshape(shape)
             x_t = a * x0 + sg * zc
             extra = () if self.cond is None else (self.cond[ex_idx[sl]],)
-            eps = call_eps(self.eps_fn, x_t.to(self.work_dtype), t, *extra)
+            eps = call_eps(self.eps_fn, x_t.to(self.work_dtype), t, *extra, precision=self.precision)
             self.calls += len(lam_c)
             f = formula_integrand(zc, eps, lam_c, self.norm_z)
             if self.gauss is not None:
@@ -311,8 +320,8 @@ def fit_proposal(
     eps_fn: EpsFn,
     x: Tensor,
     *,
-    lam_min: float = DEFAULT_LAM_RANGE[0],
-    lam_max: float = DEFAULT_LAM_RANGE[1],
+    lam_min: float | None = None,
+    lam_max: float | None = None,
     control_variate: str | GaussianMixture | Tensor | None = None,
     norm_z: bool = True,
     seed: int = 0,
@@ -320,6 +329,9 @@ def fit_proposal(
     pilot_nodes: int = 16,
     double: bool = False,
     cond: Tensor | None = None,
+    precision: str = "fp32",
+    max_batch: int | None = None,
+    chunk_size: int | None = None,
 ) -> LambdaProposal:
     """Fit the adaptive log-SNR proposal of :func:`log_density` once, to reuse across calls.
 
@@ -329,14 +341,21 @@ def fit_proposal(
 
     Args:
         eps_fn: the model. x: [B, *shape] pilot examples (up to ``pilot_examples`` evenly spaced are used).
+        lam_min, lam_max, cond, precision, max_batch: as in :func:`log_density` (``chunk_size``: deprecated
+            alias of ``max_batch``).
 
     Returns:
         A :class:`~scoredensity.proposals.LambdaProposal` on ``[lam_min, lam_max]``.
     """
     x = check_data(x)
+    lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
+    precision = check_precision(precision)
+    max_batch = resolve_max_batch(max_batch, x[0].numel(), chunk_size)
+    pilot_examples = check_int("pilot_examples", pilot_examples)
+    pilot_nodes = check_int("pilot_nodes", pilot_nodes)
     gauss = _resolve_control_variate(control_variate, x)
     work_dtype = torch.float64 if double else x.dtype
-    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, max(1, (1 << 22) // x[0].numel()), False, cond)
+    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, max_batch, False, cond, precision)
     proposal, _ = _fit_proposal(evaluate, x.shape[0], x.shape[1:], lam_min, lam_max, seed, pilot_examples, pilot_nodes)
     return proposal
 
@@ -405,8 +424,8 @@ def log_density(
     *,
     n_t: int = 128,
     n_z: int = 1,
-    lam_min: float = DEFAULT_LAM_RANGE[0],
-    lam_max: float = DEFAULT_LAM_RANGE[1],
+    lam_min: float | None = None,
+    lam_max: float | None = None,
     scheme: str = "stratified",
     importance: str | LambdaProposal = "adaptive",
     control_variate: str | GaussianMixture | Tensor | None = "auto",
@@ -423,6 +442,8 @@ def log_density(
     example_ids: Tensor | None = None,
     cond: Tensor | None = None,
     progress: bool | None = None,
+    precision: str = "fp32",
+    max_batch: int | None = None,
 ) -> LogDensity:
     """Log-density of ``x`` under the model ``eps_fn`` by the score-based density formula (DESIGN.md §2).
 
@@ -434,7 +455,8 @@ def log_density(
         x: [B, *shape] data (any shape; d = elements per example). Must be finite.
         n_t: log-SNR nodes per example (even for ``stratified``).
         n_z: noise draws per node. ``eps_fn`` calls per example = ``n_t * n_z`` (plus the shared pilot).
-        lam_min, lam_max: log-SNR range; the ends are closed by exact terms. Defaults [-20, 20]: the
+        lam_min, lam_max: log-SNR range; the ends are closed by exact terms. ``None`` (default): the range the
+            model carries as ``eps_fn.lam_range`` (a trained network from ``load_run``), else [-20, 20]: the
             truncation error is O(e^-20 * (d + |Δ log p|)), negligible for densities with feature scales
             above ~1e-3; t is passed to ``eps_fn`` in float64 so ``1 - t`` is resolved there.
         scheme: ``"stratified"`` (default; n_t/2 equal-mass strata of the proposal, two independent draws
@@ -454,7 +476,11 @@ def log_density(
         antithetic: draw z in pairs (z, -z) at the same lam (needs even ``n_z``; measured to help little).
         seed: all randomness derives from (seed, example index): results do not depend on ``chunk_size``.
         double: hand ``x_t`` to ``eps_fn`` in float64 (else in x's dtype). ``t`` is always float64.
-        chunk_size: rows of ``x_t`` per ``eps_fn`` call (bounds memory); default ~2^22 / d.
+        chunk_size: deprecated alias of ``max_batch``.
+        max_batch: rows of ``x_t`` per ``eps_fn`` call (bounds memory); default from a memory budget,
+            :func:`scoredensity.epsfn.default_max_batch`.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: autocast of the network call only; the
+            integrand, end terms and sums stay in float64.
         decoder: the clean-end term. ``"gaussian"`` (default; continuous or dequantised data): the Gaussian
             reconstruction term of VDM, equal to the formula with ``eps = 0`` above ``lam_max``.
             ``"discretized"`` (data on ``levels`` levels scaled to [-1, 1], no dequantisation): the
@@ -472,19 +498,18 @@ def log_density(
 
     Returns:
         :class:`LogDensity` with ``logp`` and ``stderr`` [B] in nats, ``nfe`` per example and terms
-        ``noisy_end``, ``integral``, ``clean_end``.
+        ``noisy_end``, ``integral``, ``clean_end``; ``info`` records the range, precision and max_batch used.
 
     Defaults were chosen by ``benchmarks/density_formula.py`` (see docs/benchmarks.md).
     """
     x = check_data(x)
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if not lam_max > lam_min:
-        raise ValueError(f"need lam_max > lam_min, got [{lam_min}, {lam_max}]")
-    if not (math.isfinite(lam_min) and math.isfinite(lam_max)):
-        raise ValueError("lam_min and lam_max must be finite (the ends are closed by exact terms)")
-    if n_t < 1 or n_z < 1:
-        raise ValueError("n_t and n_z must be >= 1")
+    lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
+    precision = check_precision(precision)
+    n_t = check_int("n_t", n_t)
+    n_z = check_int("n_z", n_z)
+    chunk_size = resolve_max_batch(max_batch, x[0].numel(), chunk_size)
     if scheme == "stratified" and n_t % 2:
         raise ValueError("scheme='stratified' needs an even n_t (two draws per stratum for an honest stderr)")
     if decoder not in ("gaussian", "discretized"):
@@ -505,15 +530,13 @@ def log_density(
     shape = x.shape[1:]
     d = x[0].numel()
     work_dtype = torch.float64 if double else x.dtype
-    if chunk_size is None:
-        chunk_size = max(1, (1 << 22) // d)
     total_rows = b * n_t * n_z
     if progress is None:
         progress = total_rows > 4 * chunk_size
     gauss = _resolve_control_variate(control_variate, x)
     if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != b):
         raise ValueError(f"cond must be a tensor with one row per example ({b})")
-    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress, cond)
+    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress, cond, precision)
     if example_ids is None:
         keys = torch.arange(b)
     else:
@@ -576,5 +599,7 @@ def log_density(
             "seed": seed,
             "decoder": decoder,
             "levels": levels,
+            "precision": precision,
+            "max_batch": chunk_size,
         },
     )
