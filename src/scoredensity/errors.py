@@ -25,6 +25,7 @@ exception class; :func:`exit_code_for` honours both.
 from __future__ import annotations
 
 import errno
+import os
 import signal
 
 __all__ = [
@@ -137,7 +138,8 @@ _OS_REASONS = {
 
 
 def _describe_os_error(e: OSError) -> str:
-    reason = _OS_REASONS.get(e.errno or -1) or (e.strerror or str(e) or type(e).__name__).lower()
+    custom = e.strerror and e.errno is not None and e.strerror != os.strerror(e.errno)
+    reason = e.strerror if custom else _OS_REASONS.get(e.errno or -1) or (e.strerror or str(e) or type(e).__name__)
     names = [str(f) for f in (e.filename, e.filename2) if f is not None]
     return f"{' -> '.join(names)}: {reason}" if names else reason
 

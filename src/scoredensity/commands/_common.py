@@ -24,6 +24,9 @@ __all__ = [
     "warn_if_unfinished",
     "training_lam_range",
     "check_positive",
+    "supported_kwargs",
+    "with_precision",
+    "net_kind",
 ]
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
@@ -111,6 +114,45 @@ def estimator_options(args: argparse.Namespace) -> dict[str, Any]:
         check_positive("--max-batch", mb)
         opts["max_batch"] = mb
     return opts
+
+
+def supported_kwargs(fn: Any, options: dict[str, Any], what: str) -> dict[str, Any]:
+    """The subset of ``options`` that ``fn`` accepts as keyword arguments. Options it does not take are dropped;
+    a dropped option with a non-default value (``precision`` other than fp32, any ``max_batch``) is reported on
+    stderr, so a setting is never ignored silently."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return dict(options)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    kept = {k: v for k, v in options.items() if k in params}
+    dropped = [k for k, v in options.items() if k not in params and v is not None and v != "fp32"]
+    if dropped:
+        flags = ", ".join("--" + k.replace("_", "-") for k in dropped)
+        print(f"note: {what} does not take {flags}; ignored there", file=sys.stderr, flush=True)
+    return kept
+
+
+def with_precision(eps_fn: Any, precision: str) -> Any:
+    """``eps_fn`` whose network call runs under ``precision``'s autocast (:func:`scoredensity.epsfn.call_eps`),
+    returning ``x_t``'s dtype; for callers (samplers, the GAN regulariser) that take no ``precision=`` themselves.
+    ``"fp32"`` returns ``eps_fn`` unchanged."""
+    if precision in (None, "fp32"):
+        return eps_fn
+    from ..epsfn import autocast_context
+
+    def eps(x_t, t, *cond):
+        with autocast_context(precision, x_t.device):
+            out = eps_fn(x_t, t, *cond)
+        return out.to(x_t.dtype)
+
+    for attr in ("lam_range", "config"):
+        if hasattr(eps_fn, attr):
+            setattr(eps, attr, getattr(eps_fn, attr))
+    return eps
 
 
 def check_positive(option: str, value: int | float | None, minimum: int | float = 1) -> None:
