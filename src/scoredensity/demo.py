@@ -8,7 +8,10 @@ estimated densities side by side. Later parts (training) extend the report.
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,9 +20,80 @@ from .formula import log_density
 from .mixtures import mixture_preset
 from .plots import density_grid, save_density_comparison
 
-__all__ = ["formula_demo", "format_table"]
+__all__ = ["formula_demo", "format_table", "ProgressLog"]
 
 DEFAULT_MIXTURE = "blobs2d"
+
+
+class ProgressLog:
+    """Plain progress lines on stderr for logs: ``[demo  12s] message``, one per phase, and, inside
+    :meth:`every`, a status line every ``interval`` seconds (default 10) from a callable. Silent when
+    ``enabled`` is False (default: when stderr is not a terminal, where tqdm bars would be unreadable)."""
+
+    def __init__(self, name: str = "demo", enabled: bool | None = None, interval: float = 10.0) -> None:
+        self.name = name
+        self.enabled = (not sys.stderr.isatty()) if enabled is None else bool(enabled)
+        self.interval = float(interval)
+        self.t0 = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        """Print one line (when enabled)."""
+        if self.enabled:
+            print(f"[{self.name} {time.perf_counter() - self.t0:5.0f}s] {message}", file=sys.stderr, flush=True)
+
+    def every(self, status: Callable[[], str | None]):
+        """A context manager that prints ``status()`` every ``interval`` seconds while its body runs."""
+        log = self
+
+        class _Beat:
+            def __enter__(self):
+                self.stop = threading.Event()
+                self.thread = None
+                if log.enabled:
+                    self.thread = threading.Thread(target=self._run, daemon=True)
+                    self.thread.start()
+                return self
+
+            def _run(self) -> None:
+                while not self.stop.wait(log.interval):
+                    try:
+                        line = status()
+                    except Exception:  # a status line is best effort; never disturb the work
+                        line = None
+                    if line:
+                        log(line)
+
+            def __exit__(self, *exc) -> None:
+                self.stop.set()
+                if self.thread is not None:
+                    self.thread.join(timeout=1.0)
+
+        return _Beat()
+
+
+def _training_status(metrics: Path, total: int, t_start: float) -> str | None:
+    """``training: step s/N (p%), loss, steps/s, ETA`` from the last line of a run's metrics.jsonl."""
+    try:
+        with open(metrics, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return "training: starting"
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "loss" in rec and isinstance(rec.get("step"), int):
+            step = rec["step"]
+            rate = step / max(time.perf_counter() - t_start, 1e-9)
+            eta = (total - step) / rate if rate > 0 else float("nan")
+            return (
+                f"training: step {step}/{total} ({100 * step / total:.0f}%), loss {rec['loss']:.4g}, "
+                f"{rate:.0f} steps/s, ETA {eta:.0f} s"
+            )
+    return "training: starting"
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -33,16 +107,31 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def formula_demo(
-    out_dir: str | Path, *, n_grid: int = 60, n_samples: int = 1000, n_t: int = 128, seed: int = 0
+    out_dir: str | Path,
+    *,
+    n_grid: int = 60,
+    n_samples: int = 1000,
+    n_t: int = 128,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    log: ProgressLog | None = None,
 ) -> dict:
     """Density formula with the exact eps vs the exact density, at a grid and at samples.
+
+    The mixture's closed-form ``eps`` and the points live on ``device``; ``log`` prints phase lines (and
+    disables tqdm bars) for logs.
 
     Writes ``formula_density.png`` and ``formula_demo.json`` into ``out_dir``; returns the summary
     (per point set: mean error, mean |error|, max |error| / stderr, mean stderr, nfe, seconds).
     """
+    from .commands._model_source import mixture_on_device
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    log = log or ProgressLog(enabled=False)
+    device = torch.device(device)
     gm = mixture_preset(DEFAULT_MIXTURE)
+    eps = mixture_on_device(gm, device).eps
     xs, _, grid = density_grid(-3.5, 3.5, n_grid)
     sets = {
         "grid": torch.as_tensor(grid, dtype=torch.float32),
@@ -50,8 +139,9 @@ def formula_demo(
     }
     rows, results = [], {}
     for name, x in sets.items():
+        log(f"exact-score formula on the {name} ({len(x)} points, n_t={n_t})")
         t0 = time.perf_counter()
-        est = log_density(gm.eps, x, n_t=n_t, seed=seed, progress=True)
+        est = log_density(eps, x.to(device), n_t=n_t, seed=seed, progress=not log.enabled)
         sec = time.perf_counter() - t0
         exact = gm.log_prob(x)
         err = est.logp - exact
@@ -70,6 +160,7 @@ def formula_demo(
         }
         rows.append(row)
         results[name] = (est, exact)
+        log(f"  done in {sec:.1f} s: mean error {row['mean_err']:+.4f} ± {row['mean_err_stderr']:.4f} nats")
     est, exact = results["grid"]
     save_density_comparison(
         out / "formula_density.png",
@@ -78,7 +169,7 @@ def formula_demo(
             ("exact density", exact.numpy()),
             (f"density formula, exact eps ({est.nfe:.0f} nfe)", est.logp.numpy()),
         ],
-        error=("(estimate - exact) / stderr", ((est.logp - exact) / est.stderr).numpy()),
+        error=("z-score: (estimate - exact) / stderr", ((est.logp - exact) / est.stderr).numpy()),
     )
     summary = {"mixture": DEFAULT_MIXTURE, "n_t": n_t, "seed": seed, "rows": rows}
     (out / "formula_demo.json").write_text(json.dumps(summary, indent=2))
@@ -96,6 +187,8 @@ def training_demo(
     n_eval: int = 2000,
     steps: int | None = None,
     progress: bool | None = None,
+    device: str | torch.device = "cpu",
+    log: ProgressLog | None = None,
 ) -> dict:
     """Train a denoiser on the embedded mixture for about ``seconds`` of CPU time, then hold it against the truth.
 
@@ -105,9 +198,15 @@ def training_demo(
     same test points; the learned density on a grid is drawn next to the exact one; samples (DDIM, 100 steps) are
     drawn next to true samples.
 
+    ``device``: where the model trains (when the trainer takes a device) and is evaluated. ``log``: progress lines
+    for logs (:class:`ProgressLog`; a status line every 10 s during training); ``progress``: the trainer's own bar.
+
     Writes ``trained_density.png``, ``samples.png`` and ``training_demo.json`` into ``out_dir``; returns the
     summary (steps, seconds, the evaluation dict of :func:`scoredensity.train.evaluate_model`, grid errors).
+    The sign convention is one throughout: ``gap = exact log-density - bound`` (>= 0 up to noise), in the table,
+    the JSON and the picture.
     """
+    import dataclasses
     import shutil
 
     from .nets import eval_eps_fn
@@ -117,6 +216,11 @@ def training_demo(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    log = log or ProgressLog(enabled=False)
+    device = torch.device(device)
+    dev_kw = {"device": str(device)} if "device" in {f.name for f in dataclasses.fields(TrainConfig)} else {}
+    if log.enabled and progress is None:
+        progress = False  # the log gets ProgressLog's lines instead of a bar
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own output of an earlier call
     data = {"name": DEFAULT_MIXTURE, "seed": seed}
@@ -124,10 +228,12 @@ def training_demo(
     if steps is None:  # pilot: measure steps per second on this machine, then size the run to the budget
         pilot_dir = out / ".pilot"
         shutil.rmtree(pilot_dir, ignore_errors=True)
-        pilot_cfg = TrainConfig(steps=100, batch_size=512, eval_final=False)
+        log("pilot: 100 training steps to measure this machine's speed")
+        pilot_cfg = TrainConfig(steps=100, batch_size=512, eval_final=False, **dev_kw)
         rate = train(pilot_dir, data, net=net, config=pilot_cfg, progress=False).steps_per_second
         shutil.rmtree(pilot_dir, ignore_errors=True)
         steps = int(min(20000, max(300, 0.9 * seconds * rate)))
+        log(f"pilot: {rate:.0f} steps/s; training {steps} steps (about {steps / rate:.0f} s)")
     cfg = TrainConfig(
         steps=steps,
         batch_size=512,
@@ -137,27 +243,38 @@ def training_demo(
         eval_n_t=32,
         log_every=max(steps // 20, 1),
         checkpoint_every=max(steps // 4, 1),
+        **dev_kw,
     )
-    res = train(run_dir, data, net=net, config=cfg, progress=progress)
+    t_train = time.perf_counter()
+    with log.every(lambda: _training_status(run_dir / "metrics.jsonl", steps, t_train)):
+        res = train(run_dir, data, net=net, config=cfg, progress=progress)
     ev = res.final_eval
+    log(f"trained {steps} steps in {res.seconds:.1f} s; held-out NLL bound {ev['nll']:.4f}, exact {ev['true_nll']:.4f}")
     gm = mixture_preset(DEFAULT_MIXTURE)
-    model = res.ema
+    model = res.ema.to(device)
     eps_fn = eval_eps_fn(model)
 
     xs, _, grid = density_grid(-3.5, 3.5, n_grid)
     grid_t = torch.as_tensor(grid, dtype=torch.float32)
+    log(f"learned density on a {n_grid}x{n_grid} grid (formula, n_t=128)")
     with torch.no_grad():
-        est = log_density(eps_fn, grid_t, n_t=128, lam_min=cfg.lam_min, lam_max=cfg.lam_max, seed=seed)
+        est = log_density(
+            eps_fn, grid_t.to(device), n_t=128, lam_min=cfg.lam_min, lam_max=cfg.lam_max, seed=seed, progress=False
+        )
     exact = gm.log_prob(grid_t.double())
     save_density_comparison(
         out / "trained_density.png",
         xs,
         [("exact density", exact.numpy()), (f"trained model, formula bound ({steps} steps)", est.logp.numpy())],
-        error=("bound - exact log-density, nats (clipped to ±3)", (est.logp - exact).clamp(-3, 3).numpy()),
+        error=(
+            "gap = exact log-density - bound, nats (>= 0 up to noise; clipped to ±3)",
+            (exact - est.logp).clamp(-3, 3).numpy(),
+        ),
     )
+    log(f"sampling {n_samples} points (DDIM, 100 steps)")
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        fake = sample(eps_fn, (n_samples, 2), sampler="ddim", steps=100, generator=g)
+        fake = sample(eps_fn, (n_samples, 2), sampler="ddim", steps=100, generator=g, device=device).cpu()
     real = gm.sample(n_samples, generator=torch.Generator().manual_seed(seed + 2))
     save_scatter(
         out / "samples.png",
@@ -219,10 +336,11 @@ def write_report(out_dir: str | Path, formula_summary: dict | None, training_sum
             "|---|---|",
             f"| NLL bound (model) | {ev['nll']:.4f} ± {ev['nll_stderr']:.4f} |",
             f"| exact NLL (same points) | {ev['true_nll']:.4f} ± {ev['true_nll_stderr']:.4f} |",
-            f"| bound - exact (paired) | {ev['gap']:.4f} ± {ev['gap_stderr']:.4f} |",
+            f"| gap = NLL bound - exact NLL (paired) | {ev['gap']:.4f} ± {ev['gap_stderr']:.4f} |",
             "",
             "The bound is an upper bound on the model's NLL, and the model's NLL cannot beat the exact one on "
-            "average, so the gap is >= 0 up to noise; its size is what training has not yet learned.",
+            "average, so the gap is >= 0 up to noise; its size is what training has not yet learned. The picture "
+            "below shows the same quantity point by point: gap = exact log-density - bound (>= 0 up to noise).",
             "",
             "Below, each grid point of the learned density is its own Monte Carlo estimate of the bound (128 "
             "log-SNR nodes), hence the speckle; far from the data the model's density is not the mixture's "
@@ -251,12 +369,24 @@ def full_demo(
     n_eval: int = 2000,
     steps: int | None = None,
     progress: bool | None = None,
+    device: str | torch.device = "cpu",
+    log: ProgressLog | None = None,
 ) -> dict:
     """The whole demo: :func:`formula_demo` (exact score), :func:`training_demo` (about ``seconds`` of training)
     and ``report.md`` (:func:`write_report`) in ``out_dir``. ``steps`` fixes the training steps instead of the
     ``seconds`` budget. Returns both summaries and the report path."""
-    f = formula_demo(out_dir, n_grid=n_grid, n_samples=n_samples, seed=seed)
-    t = training_demo(out_dir, seconds=seconds, seed=seed, n_grid=n_grid, n_eval=n_eval, steps=steps, progress=progress)
+    f = formula_demo(out_dir, n_grid=n_grid, n_samples=n_samples, seed=seed, device=device, log=log)
+    t = training_demo(
+        out_dir,
+        seconds=seconds,
+        seed=seed,
+        n_grid=n_grid,
+        n_eval=n_eval,
+        steps=steps,
+        progress=progress,
+        device=device,
+        log=log,
+    )
     return {"formula": f, "training": t, "report": str(write_report(out_dir, f, t))}
 
 

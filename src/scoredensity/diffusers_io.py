@@ -21,7 +21,11 @@ Export (:func:`save_diffusers`) writes a pipeline folder (``DDPMPipeline.save_pr
   original at a few timesteps before anything is written.
 * any object with a ``to_diffusers() -> (UNet2DModel, scheduler_config)`` method.
 
-diffusers is imported lazily, so the core package imports without it.
+diffusers is a core dependency, imported lazily so that ``import scoredensity`` stays fast.
+
+Weights are read only from ``diffusion_pytorch_model.safetensors``; a folder with only the pickle-based
+``diffusion_pytorch_model.bin`` is refused (scoredensity never unpickles), and the safetensors header is checked
+against the file's size first, so a truncated or corrupted file is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -36,19 +40,26 @@ import torch
 from torch import nn
 
 from .adapters import DiffusersEps, betas_from_scheduler_config, scheduler_config_dict
+from .errors import InputFileError
 from .schedules import DDPMSchedule
 
-__all__ = ["LoadedDiffusers", "load_diffusers", "load_diffusers_eps", "save_diffusers", "WEIGHT_NAMES"]
+__all__ = [
+    "LoadedDiffusers",
+    "load_diffusers",
+    "load_diffusers_eps",
+    "save_diffusers",
+    "check_safetensors_file",
+    "WEIGHT_NAMES",
+]
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-"""Weight files diffusers' ``from_pretrained`` reads (either one)."""
+"""Weight files diffusers' ``from_pretrained`` reads; scoredensity loads only the first (safetensors): the
+second is a pickle and is refused with a message saying how to convert it."""
 
 
 def _diffusers():
-    try:
-        import diffusers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("diffusers folders need diffusers: pip install 'scoredensity[diffusers]'") from e
+    import diffusers  # a core dependency; imported lazily only to keep ``import scoredensity`` fast
+
     return diffusers
 
 
@@ -69,9 +80,61 @@ class LoadedDiffusers:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputFileError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise InputFileError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_safetensors_file(model_dir: str | Path) -> Path:
+    """The model folder's ``diffusion_pytorch_model.safetensors``, its header checked without loading a tensor:
+    an 8-byte little-endian header length, a JSON header whose tensors' byte ranges lie inside the file.
+
+    Returns:
+        the weight file's path.
+
+    Raises:
+        InputFileError: only the pickle ``.bin`` present (never unpickled), or a truncated/corrupted file.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / WEIGHT_NAMES[0]
+    if not path.is_file():
+        if (model_dir / WEIGHT_NAMES[1]).is_file():
+            raise InputFileError(
+                f"{model_dir / WEIGHT_NAMES[1]}: pickle weights are never loaded (a pickle can run code); convert the "
+                f"folder to safetensors (diffusers: model.save_pretrained(folder, safe_serialization=True))"
+            )
+        raise InputFileError(f"{path}: missing")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputFileError(f"{path}: truncated safetensors file ({size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n < 2 or 8 + n > size or n > 100_000_000:
+            raise InputFileError(f"{path}: not a safetensors file or truncated (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputFileError(f"{path}: corrupted safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise InputFileError(f"{path}: corrupted safetensors header (not a JSON object)")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offs = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise InputFileError(f"{path}: corrupted safetensors header (entry {name!r})")
+        end = max(end, offs[1])
+    if 8 + n + end > size:
+        raise InputFileError(
+            f"{path}: truncated: its header needs {8 + n + end} bytes, the file has {size} (an interrupted download "
+            "or copy?)"
+        )
+    return path
 
 
 def _locate(path: Path) -> tuple[Path, Path | None, str | None, list[str]]:
@@ -114,8 +177,13 @@ def load_diffusers(
         path: a local folder (layouts in the module docstring).
         device: where to put the network. dtype: its parameter dtype.
 
+    Returns:
+        the model in eval mode with frozen parameters (``requires_grad`` False: estimators need no weight
+        gradients, and a trainable model would keep every autograd graph), its scheduler config and provenance.
+
     Raises:
         FileNotFoundError: the folder does not exist, or names every missing file (weights, configs).
+        InputFileError: only pickle (``.bin``) weights, truncated or corrupted safetensors weights.
         ValueError: the pipeline has no ``unet``, or the model class is not a diffusers model.
     """
     path = Path(path)
@@ -129,8 +197,17 @@ def load_diffusers(
     cls = getattr(diffusers, str(cls_name), None)
     if cls is None or not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ValueError(f"{model_dir}/config.json names model class {cls_name!r}, which is not a diffusers model")
-    model = cls.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False)
+    weights = check_safetensors_file(model_dir)
+    try:
+        model = cls.from_pretrained(
+            model_dir, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False, use_safetensors=True
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise InputFileError(f"{weights}: diffusers cannot load these weights ({type(e).__name__}: {msg})") from e
     model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
     config = _read_json(sched)
     info = {
         "path": str(path),
@@ -155,7 +232,8 @@ def load_diffusers_eps(
 
     ``timesteps=None`` picks ``"interpolated"``, or ``"nearest"`` for a network with a learned (table) time
     embedding, which only accepts integer timesteps. Other arguments as in :class:`DiffusersEps` and
-    :func:`load_diffusers`. The loader's ``info`` is attached as ``.source``.
+    :func:`load_diffusers`. The loader's ``info`` is attached as ``.source``. The network is frozen
+    (``requires_grad`` False) and in eval mode, so estimators keep no autograd graph of its weights.
     """
     loaded = load_diffusers(path, device=device, dtype=dtype)
     if timesteps is None:

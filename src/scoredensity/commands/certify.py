@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from ._common import add_threads_argument, apply_threads
+from ._common import add_device_arguments, add_threads_argument, apply_threads, resolve_device
 
 NAME = "certify"
 HELP = "certify ELBO training: ELBO-fitted vs maximum-likelihood Gaussian mixtures, gap against T"
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-init", type=int, default=8, help="EM initialisations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="certify_out", help="folder for the PNG and JSON (default certify_out)")
+    add_device_arguments(p, precision=False, max_batch=False)
     add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -35,11 +37,31 @@ def run(args: argparse.Namespace) -> int:
 
     from ..apps.certify import certify_data, certify_mixture, plot_gap
 
+    device = resolve_device(args.device)
     apply_threads(args)
     if any(t < 2 for t in args.steps):
         raise ValueError(f"--steps must all be >= 2, got {args.steps}")
-    k = args.k or {"blobs2d": 3, "ring8": 8, "grid25": 25}.get(args.data, 6)
+    if args.k is not None and args.k < 1:
+        raise ValueError(f"--k must be >= 1 mixture components, got {args.k}")
+    if args.n < 10:
+        raise ValueError(f"--n must be >= 10 points, got {args.n}")
+    if args.n_init < 1:
+        raise ValueError(f"--n-init must be >= 1, got {args.n_init}")
+    if args.data.lower().endswith((".npy", ".npz")):
+        from ..data.files import read_array_file
+
+        read_array_file(args.data)  # a one-line DataError for a missing, truncated, pickled or random-bytes file
+        if not args.data.lower().endswith(".npy"):
+            raise ValueError(f"--data {args.data}: certify reads a .npy of [N, d] points, not a .npz")
+    if device.type != "cpu":
+        print(
+            f"note: certify's EM fits and exact mixture denoisers are small CPU work; it runs on the CPU, not {device}",
+            file=sys.stderr,
+        )
+    k = args.k if args.k is not None else {"blobs2d": 3, "ring8": 8, "grid25": 25}.get(args.data, 6)
     x_train, x_test = certify_data(args.data, args.n, args.seed)
+    if k > len(x_train):
+        raise ValueError(f"--k {k} exceeds the {len(x_train)} training points")
     rep = certify_mixture(
         x_train, x_test, k, steps=tuple(args.steps), variances=tuple(args.variances), n_init=args.n_init, seed=args.seed
     )

@@ -4,10 +4,21 @@ accuracy, expected calibration error and the confusion matrix (printed and saved
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
-from ._common import add_threads_argument, apply_threads
+from ._common import (
+    add_device_arguments,
+    add_threads_argument,
+    apply_threads,
+    estimator_options,
+    load_run_checked,
+    net_kind,
+    resolve_device,
+    supported_kwargs,
+    warn_if_unfinished,
+)
 
 NAME = "classify"
 HELP = "classify a run's held-out split with its class-conditional model (density formula per class)"
@@ -24,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="estimator seed")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--out", default=None, help="confusion-matrix PNG (default DIR/confusion_<split>.png)")
+    add_device_arguments(p)
     add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -32,11 +44,18 @@ def run(args: argparse.Namespace) -> int:
     """Classify; print accuracy, ECE and the confusion matrix; save the PNG. Returns the exit code."""
 
     from ..apps.classifier import classify, confusion_matrix, expected_calibration_error
-    from ..checkpoint import load_run
 
-    apply_threads(args)
-    model, config, ds = load_run(args.run_dir, ema=not args.raw)
-    k = int(config["net"].get("num_classes", 0))
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.budget is not None and args.budget < 1:
+        raise ValueError(f"--budget must be >= 1, got {args.budget}")
+    device = resolve_device(args.device)
+    opts = estimator_options(args)
+    model, config, ds = load_run_checked(args.run_dir, ema=not args.raw)
+    warn_if_unfinished(config, args.run_dir)
+    apply_threads(args, net_kind(config))
+    model = model.to(device)
+    k = int(config["net"].get("num_classes", 0) or 0)
     if k <= 0:
         raise ValueError(
             f"{args.run_dir}: the model is unconditional; train it with `scoredensity train --conditional` on "
@@ -57,9 +76,13 @@ def run(args: argparse.Namespace) -> int:
     xm = ds.to_model(x, dequantize=False) if ds.discrete else ds.to_model(x)  # bin centres for discrete data
     tr = config["train"]
     budget = args.budget or 64 * k
+    mb = opts.pop("max_batch", None)
+    if mb is not None:  # the classifier may still call it chunk_size (rows per network call)
+        opts["max_batch" if "max_batch" in inspect.signature(classify).parameters else "chunk_size"] = mb
+    opts = supported_kwargs(classify, opts, "classify")
     res = classify(
         model,
-        xm,
+        xm.to(device),
         list(range(k)),
         weighting=args.weighting,
         budget=budget,
@@ -67,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         lam_min=tr.get("lam_min", -20.0),
         lam_max=tr.get("lam_max", 20.0),
         seed=args.seed,
+        **opts,
     )
     acc = res.accuracy(y)
     ece = expected_calibration_error(res.probabilities(), y, res.classes)
@@ -84,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         "budget": budget,
         "confusion": cm.tolist(),
         "png": str(png),
+        "step": config.get("step"),
+        "device": str(device),
+        "precision": args.precision,
     }
     if args.json:
         print(json.dumps(out))

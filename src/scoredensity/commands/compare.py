@@ -20,7 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._common import add_threads_argument, apply_threads
+from ._common import (
+    add_device_arguments,
+    add_threads_argument,
+    apply_threads,
+    estimator_options,
+    resolve_device,
+    supported_kwargs,
+)
 from ._model_source import add_model_arguments, model_source
 
 NAME = "compare"
@@ -37,7 +44,12 @@ class EstimatorSpec:
 
 
 def default_suite(
-    dim: int, level: str = "default", lam_min: float = -20.0, lam_max: float = 20.0
+    dim: int,
+    level: str = "default",
+    lam_min: float = -20.0,
+    lam_max: float = 20.0,
+    *,
+    options: dict | None = None,
 ) -> list[EstimatorSpec]:
     """The estimators compared, each at increasing budgets.
 
@@ -48,8 +60,10 @@ def default_suite(
             its training range: outside it the network is untrained and the bounds pay for it (measured on a
             ring8 MLP trained on [-12, 12]: the bound drops by ~0.85 nats/example when evaluated on [-20, 20]).
             The DDPM ELBO uses its own clock (VP-linear, ``abar_k = abar(k/T)``).
+        options: estimator keyword arguments shared by every estimator (``precision``, ``max_batch``); an
+            estimator that does not take one is told so on stderr (:func:`~._common.supported_kwargs`).
     """
-    rng = {"lam_min": lam_min, "lam_max": lam_max}
+    opts = dict(options or {})
     from ..ddpm import ddpm_elbo
     from ..elbo import elbo
     from ..formula import log_density
@@ -61,6 +75,8 @@ def default_suite(
     n_ts = {"quick": [32], "default": [32, 128, 512], "full": [32, 128, 512, 2048]}[level]
     tols = {"quick": [1e-3], "default": [1e-3, 1e-5], "full": [1e-3, 1e-5, 1e-7]}[level]
     steps = {"quick": [100], "default": [100, 1000], "full": [100, 1000, 4000]}[level]
+    rng = {"lam_min": lam_min, "lam_max": lam_max, **supported_kwargs(log_density, opts, "log_density")}
+    ddpm_opts = supported_kwargs(ddpm_elbo, opts, "ddpm_elbo")
     specs: list[EstimatorSpec] = []
     for n in n_ts:
         specs.append(EstimatorSpec("formula", f"n_t={n}", lambda f, x, n=n: log_density(f, x, n_t=n, **rng)))
@@ -105,7 +121,7 @@ def default_suite(
             EstimatorSpec(
                 "ddpm-fixed_large",
                 f"T={T}",
-                lambda f, x, T=T: ddpm_elbo(f, x, schedule=DDPMSchedule.from_clock(VPLinearClock(), T)),
+                lambda f, x, T=T: ddpm_elbo(f, x, schedule=DDPMSchedule.from_clock(VPLinearClock(), T), **ddpm_opts),
             )
         )
     return specs
@@ -121,6 +137,7 @@ def compare_estimators(
     lam_min: float = -20.0,
     lam_max: float = 20.0,
     progress: Callable[[str], None] | None = None,
+    options: dict | None = None,
 ) -> dict:
     """Run every estimator of ``suite`` on the same points ``x`` and summarise.
 
@@ -131,13 +148,14 @@ def compare_estimators(
         suite: estimators to run (default :func:`default_suite` of the data dimension at ``level`` and
             ``[lam_min, lam_max]``: for a trained model pass its training range).
         progress: called with a line of text after each estimator.
+        options: estimator options for the default suite (``precision``, ``max_batch``).
 
     Returns:
         ``{"dim", "n", "rows": [...]}``; each row has ``family``, ``setting``, ``logp`` (mean per example),
         ``logp_per_dim``, ``stderr`` (mean per-example standard error), ``nfe``, ``vjp``, ``cost`` (= nfe + vjp),
         ``seconds_per_example``, ``per_example`` / ``stderr_per_example`` (lists [B]), and with ``exact_logp``:
-        ``bias`` (mean gap), ``abs_err`` (mean |gap| per example) and ``abs_err_per_dim``; the top level then also
-        has ``exact_logp`` (mean) and ``exact_per_example``.
+        ``bias`` (mean of estimate - exact), ``abs_err`` (mean |estimate - exact| per example) and
+        ``abs_err_per_dim``; the top level then also has ``exact_logp`` (mean) and ``exact_per_example``.
     """
     import torch
 
@@ -150,7 +168,8 @@ def compare_estimators(
         if exact_logp.shape != (b,):
             raise ValueError(f"exact_logp must have shape [{b}], got {tuple(exact_logp.shape)}")
     rows = []
-    for spec in suite if suite is not None else default_suite(d, level, lam_min, lam_max):
+    specs = suite if suite is not None else default_suite(d, level, lam_min, lam_max, options=options)
+    for i, spec in enumerate(specs):
         t0 = time.perf_counter()
         est = spec.run(eps_fn, x)
         secs = time.perf_counter() - t0
@@ -166,11 +185,11 @@ def compare_estimators(
             "vjp": vjp,
             "cost": float(est.nfe) + vjp,
             "seconds_per_example": secs / b,
-            "per_example": est.logp.tolist(),
-            "stderr_per_example": est.stderr.tolist(),
+            "per_example": est.logp.cpu().tolist(),
+            "stderr_per_example": est.stderr.cpu().tolist(),
         }
         if exact_logp is not None:
-            gap = est.logp - exact_logp
+            gap = est.logp.cpu().double() - exact_logp
             row.update(
                 bias=float(gap.mean()),
                 bias_stderr=est.mean_stderr(),
@@ -179,7 +198,7 @@ def compare_estimators(
             )
         rows.append(row)
         if progress is not None:
-            progress(format_row(row))
+            progress(f"[{i + 1}/{len(specs)}] {spec.family} {spec.setting}: {secs:.2f} s")
     out = {"dim": d, "n": b, "rows": rows}
     if exact_logp is not None:
         out["exact_logp"] = float(exact_logp.mean())
@@ -196,9 +215,9 @@ _COLS = [
     ("nfe", "nfe", "{:>7.0f}"),
     ("vjp", "vjp", "{:>7.0f}"),
     ("seconds_per_example", "s/ex", "{:>8.4f}"),
-    ("bias", "gap", "{:>8.4f}"),
-    ("abs_err", "|gap|/ex", "{:>8.4f}"),
-    ("abs_err_per_dim", "|gap|/dim", "{:>9.5f}"),
+    ("bias", "est-exact", "{:>9.4f}"),
+    ("abs_err", "|est-exact|", "{:>11.4f}"),
+    ("abs_err_per_dim", "|est-exact|/dim", "{:>15.5f}"),
 ]
 
 
@@ -280,25 +299,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", choices=["quick", "default", "full"], default="default", help="budgets per estimator")
     p.add_argument("--seed", type=int, default=0, help="seed of the test points")
     p.add_argument("--out", default=None, help="folder for compare.json and compare.png")
+    add_device_arguments(p)
     add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Draw test points from the preset, compare, print the table, write JSON and PNG."""
-    apply_threads(args)
+    """Draw test points, compare, print the table once (progress on stderr), write JSON and PNG."""
+    import sys
+
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    src = model_source(args)
+    device = resolve_device(args.device)
+    opts = estimator_options(args)
+    src = model_source(args, device)
+    threads = apply_threads(args, src.kind)
     x = src.test_points(args.n, args.seed)
     exact = None if src.exact_log_prob is None else src.exact_log_prob(x)
+    print(f"{src.title}: {len(x)} points on {device}, {threads} thread(s)", file=sys.stderr, flush=True)
     result = compare_estimators(
         src.eps_fn,
-        x,
+        x.to(device),
         exact,
         level=args.level,
         lam_min=src.lam_min,
         lam_max=src.lam_max,
-        progress=lambda s: print(s, flush=True),
+        progress=lambda s: print(s, file=sys.stderr, flush=True),
+        options=opts,
     )
     result.update(
         model=src.title,
@@ -307,13 +333,15 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         lam_min=src.lam_min,
         lam_max=src.lam_max,
+        device=str(device),
+        precision=opts.get("precision", "fp32"),
+        max_batch=opts.get("max_batch"),
     )
-    print()
     print(format_table(result))
     best = cheapest_to_reach(result)
     if best is not None:
         print(f"cheapest to 0.01 nats/dim: {best['family']} ({best['setting']}), cost {best['cost']:.0f} per example")
-    else:
+    elif "exact_logp" in result:
         print("no estimator reached 0.01 nats/dim at these budgets")
     if args.out:
         for path in write_report(result, args.out, title=f"{src.title}, {len(x)} points"):

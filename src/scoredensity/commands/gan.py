@@ -7,6 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from ._common import (
+    add_device_arguments,
+    add_threads_argument,
+    apply_threads,
+    load_run_checked,
+    resolve_device,
+    warn_if_unfinished,
+    with_precision,
+)
+
 NAME = "gan"
 HELP = "train a (score-regularised) GAN on ring8/grid25 and report modes covered, quality, cross-entropy, MMD"
 
@@ -30,26 +40,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-samples", type=int, default=2500, help="generated samples for the metrics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="gan_out", help="folder for samples.png and gan.json")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: faster for these tiny nets)")
+    add_device_arguments(p, max_batch=False)
+    add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate, write the figure and JSON. Returns the exit code."""
+    import dataclasses
+
     import torch
 
-    from ..apps.gan import gan_metrics, train_gan
+    from ..apps.gan import GANConfig, gan_metrics, train_gan
     from ..mixtures import mixture_preset
-    from ..plots import save_scatter
+    from ..plots import save_mode_coverage
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    for name in ("steps", "batch", "n_samples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    device = resolve_device(args.device)
+    apply_threads(args)
     mix = mixture_preset(args.preset)
     eps_fn = None
     if args.denoiser is not None:
-        from ..checkpoint import load_run
-
-        model, config, _ = load_run(args.denoiser, load_data=False)
+        model, config, _ = load_run_checked(args.denoiser, load_data=False)
+        warn_if_unfinished(config, args.denoiser)
         shape = list(config["net"].get("shape", []))
         if shape != [mix.dim]:
             raise ValueError(f"the denoiser in {args.denoiser} models data of shape {shape}, not [{mix.dim}]")
@@ -59,7 +74,18 @@ def run(args: argparse.Namespace) -> int:
                 f"warning: the denoiser was trained on {trained_on!r}, the GAN's data are {args.preset!r}",
                 file=sys.stderr,
             )
-        eps_fn = model
+        eps_fn = with_precision(model, args.precision)
+    elif args.precision != "fp32":
+        print(
+            "note: --precision applies to a --denoiser network; the exact mixture eps runs in float64", file=sys.stderr
+        )
+    device_kw = {}
+    if "device" in {f.name for f in dataclasses.fields(GANConfig)}:
+        device_kw = {"device": str(device)}
+        if eps_fn is not None:
+            model.to(device)
+    elif device.type != "cpu":
+        print(f"note: the GAN's 2-D networks train on the CPU, not {device}", file=sys.stderr)
     res = train_gan(
         eps_fn=eps_fn,
         preset=args.preset,
@@ -71,30 +97,62 @@ def run(args: argparse.Namespace) -> int:
         reg_gradient=args.reg_gradient,
         reg_weighting=args.reg_weighting,
         seed=args.seed,
+        **device_kw,
     )
-    samples = res.sample(args.n_samples, seed=args.seed + 1000)
+    samples = res.sample(args.n_samples, seed=args.seed + 1000).detach().cpu()
     metrics = gan_metrics(samples, mix)
+    counts, radii = mode_counts(samples, mix)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     real = mix.sample(args.n_samples, generator=torch.Generator().manual_seed(0)).numpy()
     title = "plain GAN" if args.reg_coef == 0 else f"reg {args.reg_gradient}/{args.reg_weighting} x{args.reg_coef:g}"
-    save_scatter(out / "samples.png", [("data", real), (title, samples.numpy())])
+    covered = int((counts >= 1).sum())
+    save_mode_coverage(
+        out / "samples.png",
+        real,
+        samples.double().numpy(),
+        mix.means.numpy(),
+        radii.numpy(),
+        counts.numpy(),
+        f"{title}: {covered}/{mix.num_components} modes (>= 1 sample within 3 std)",
+    )
     doc = dict(
         config=vars(res.config),
         denoiser=args.denoiser or "exact",
         metrics=metrics,
+        samples_per_mode=counts.tolist(),
         seconds=res.seconds,
         history=res.history,
     )
     (out / "gan.json").write_text(json.dumps(doc, indent=1))
     if args.json:
-        print(json.dumps(dict(metrics=metrics, seconds=res.seconds)))
+        print(json.dumps(dict(metrics=metrics, samples_per_mode=counts.tolist(), seconds=res.seconds)))
         return 0
+    per_mode = " ".join(str(int(c)) for c in counts)
     print(f"GAN on {args.preset}: {title}, {args.steps} steps, {res.seconds:.1f} s")
-    print(f"  modes covered        {metrics['modes_covered']:.0f} / {mix.num_components}")
+    print(
+        f"  modes covered        {metrics['modes_covered']:.0f} / {mix.num_components}  (>= 1 of {args.n_samples} "
+        "samples within 3 std of the mode)"
+    )
+    print(f"  samples per mode     {per_mode}")
     print(f"  high-quality samples {metrics['high_quality']:.3f}  (within 3 std of a mode)")
     print(f"  mode KL              {metrics['mode_kl']:.3f}")
     print(f"  cross-entropy        {metrics['cross_entropy']:.3f} nats  (exact -E log p_data(G(w)))")
     print(f"  MMD^2 to real        {metrics['mmd2']:.4f}")
     print(f"wrote {out / 'samples.png'} and {out / 'gan.json'}")
     return 0
+
+
+def mode_counts(samples, mixture, n_std: float = 3.0):
+    """``(counts [K], radii [K])``: generated samples within ``n_std`` standard deviations of each mode, with the
+    same definition as :func:`scoredensity.apps.gan.gan_metrics` (nearest mode; a component's std is the root mean
+    eigenvalue of its covariance), so the picture and the "modes covered" figure count the same thing."""
+    import torch
+
+    x = samples.detach().to(torch.float64)
+    dist = torch.cdist(x, mixture.means)
+    near = dist.argmin(1)
+    std = mixture.evals.mean(1).sqrt()
+    hq = dist.gather(1, near[:, None])[:, 0] <= n_std * std[near]
+    counts = torch.bincount(near[hq], minlength=mixture.num_components)
+    return counts, n_std * std
