@@ -39,7 +39,15 @@ from .distributed import rank_world
 __all__ = ["ResultStore", "StoreError", "ProgressLog", "gather_records", "atomic_write_bytes", "atomic_write_json"]
 
 FORMAT = 1
-_IGNORED_SETTINGS = ("world_size", "progress", "out", "resume", "device", "max_batch")  # may change on resume
+_IGNORED_SETTINGS = (
+    "world_size",
+    "progress",
+    "out",
+    "resume",
+    "device",
+    "max_batch",
+    "batch_size",
+)  # may change on resume
 
 
 class StoreError(ValueError):
@@ -83,7 +91,7 @@ class ResultStore:
         keys: the float64 values of a record (e.g. ``["formula-discrete/logp", ...]``).
         folder: where to write shards, the manifest and the merged results; ``None`` keeps everything in memory.
         settings: the evaluation's settings (JSON-serialisable); a resumed evaluation must have the same ones
-            (except ``world_size``, ``device``, ``max_batch``, ``progress``, which do not change the figures).
+            (except ``world_size``, ``device``, ``max_batch``, ``batch_size``, ``progress``: they do not change the figures).
         data_sha256: hash of the evaluated data; a resumed evaluation must have the same.
         resume: continue a folder that holds a manifest. Without it, a folder that already holds one is refused.
 
@@ -334,3 +342,79 @@ def run_blocks(
 
 
 __all__ += ["run_blocks"]
+
+
+def evaluate_rounds(
+    compute_round: Callable[[int], Callable[[torch.Tensor], dict[str, torch.Tensor]]],
+    n: int,
+    store: ResultStore,
+    *,
+    batch_size: int,
+    se_of: Callable[[list[dict[str, torch.Tensor]]], float],
+    target_se: float | None = None,
+    max_rounds: int = 1,
+    progress: bool = True,
+    desc: str = "evaluate",
+    unit: str = "examples",
+) -> tuple[list[dict[str, torch.Tensor]], dict | None]:
+    """Evaluate examples ``0..n-1`` in rounds of independent draws, streamed in blocks and sharded over processes.
+
+    Each process computes the records of its examples (``index % world == rank``) that ``store`` lacks, with
+    ``compute_round(r)(ids) -> {key: [len(ids)] float64}``, ``batch_size`` examples per call; then the round is
+    shared by all processes. Without ``target_se`` one round is run. With it, rounds go on (at least two, at most
+    ``max_rounds``) until ``se_of(tables) <= target_se``, where ``tables`` are the rounds so far (``{key: [n]}``).
+
+    Returns:
+        The per-round tables, and (with ``target_se``) ``{"target_bpd", "reached", "rounds", "max_rounds",
+        "se_bpd"}``.
+    """
+    if n < store.world:
+        raise ValueError(f"{n} examples cannot be sharded over {store.world} processes")
+    all_ids = torch.arange(n)
+    mine = all_ids[store.rank :: store.world]
+    tables: list[dict[str, torch.Tensor]] = []
+    se = float("inf")
+    while True:
+        r = len(tables)
+        left = int((~store.done(r, all_ids)).sum())
+        label = f"{desc} round {r}" if target_se is not None else desc
+        bar = ProgressLog(n, desc=label, unit=unit, enabled=progress, already=n - left, step=store.world)
+        run_blocks(compute_round(r), mine, store, r, batch_size, bar)
+        bar.close()
+        gather_records(store, r, mine)
+        tables.append(store.table(r, all_ids))
+        if target_se is None or len(tables) >= max_rounds:
+            break
+        if len(tables) >= 2:
+            se = se_of(tables)
+            if se <= target_se:
+                break
+    if target_se is None:
+        return tables, None
+    se = se_of(tables)
+    return tables, {
+        "target_bpd": float(target_se),
+        "reached": bool(se <= target_se),
+        "se_bpd": se,
+        "rounds": len(tables),
+        "max_rounds": int(max_rounds),
+    }
+
+
+def round_stats(values: list[torch.Tensor], stated_se: list[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+    """Combine rounds of per-example estimates ``values`` (each [N]) with their stated standard errors.
+
+    Returns:
+        The per-example mean over rounds [N]; the standard error of the data-set mean due to the estimator (from
+        the spread between rounds when there are two or more: honest whatever the estimator states, else from
+        the stated errors); and that from the stated errors alone. Both in the units of ``values``.
+    """
+    v = torch.stack(values)  # [R, N]
+    rounds, n = v.shape
+    stated = float(torch.stack(stated_se).pow(2).sum() ** 0.5 / rounds / n)
+    if rounds >= 2:
+        return v.mean(0), float((v.var(0) / rounds).sum().sqrt() / n), stated
+    return v.mean(0), stated, stated
+
+
+__all__ += ["evaluate_rounds", "round_stats"]

@@ -36,7 +36,7 @@ from . import rng
 from .data.dataset import levels_to_unit_scale
 from .ddpm import ddpm_elbo
 from .epsfn import PRECISIONS, EpsFn, autocast_context, check_int
-from .eval_store import ProgressLog, ResultStore, gather_records, run_blocks
+from .eval_store import ResultStore, evaluate_rounds, round_stats
 from .formula import fit_proposal, log_density
 from .logdensity import LogDensity
 from .schedules import DDPMSchedule, logsnr_from_t
@@ -50,6 +50,8 @@ __all__ = [
     "data_hash",
     "model_device",
     "record_keys",
+    "image_layout",
+    "to_nchw",
 ]
 
 IMAGE_METHODS = ("formula-discrete", "formula-dequantized", "ddpm")
@@ -79,6 +81,53 @@ def model_device(eps_fn: EpsFn) -> torch.device:
             except (StopIteration, TypeError):
                 continue
     return torch.device("cpu")
+
+
+def image_layout(shape: Sequence[int], channels: int, size: Sequence[int] | None = None) -> str:
+    """The layout of an image array of ``shape`` for a model with ``channels`` input channels and (optionally)
+    spatial ``size`` (H, W): ``"NCHW"``, ``"NHWC"`` (improved/guided-diffusion sample files, ``arr_0``) or ``"NHW"``
+    (greyscale, one channel).
+
+    Raises:
+        ValueError: a shape that fits no layout, or fits both NCHW and NHWC (a clear message saying which).
+    """
+    shape = tuple(int(v) for v in shape)
+    size = None if size is None else tuple(int(v) for v in size)
+    if len(shape) == 3:
+        if channels != 1:
+            raise ValueError(
+                f"images of shape {shape} (N, H, W: greyscale) do not fit a model with {channels} channels"
+            )
+        if size is not None and shape[1:] != size:
+            raise ValueError(f"images of shape {shape} (N, H, W) do not fit the model's {size[0]}x{size[1]} images")
+        return "NHW"
+    if len(shape) != 4:
+        raise ValueError(f"images must be [N, C, H, W], [N, H, W, C] or [N, H, W]; got shape {shape}")
+    fits = []
+    if shape[1] == channels and (size is None or shape[2:] == size):
+        fits.append("NCHW")
+    if shape[3] == channels and (size is None or shape[1:3] == size):
+        fits.append("NHWC")
+    if not fits:
+        want = f"{channels} channels" + ("" if size is None else f" of {size[0]}x{size[1]}")
+        raise ValueError(f"images of shape {shape} fit neither NCHW nor NHWC for a model with {want}")
+    if len(fits) == 2:
+        raise ValueError(
+            f"images of shape {shape} are ambiguous for a model with {channels} channels: both NCHW and NHWC fit; "
+            "save them as NCHW with a different shape, or transpose them yourself"
+        )
+    return fits[0]
+
+
+def to_nchw(a: Tensor, layout: str) -> Tensor:
+    """``a`` in ``layout`` (:func:`image_layout`) as [N, C, H, W] (a view when possible)."""
+    if layout == "NHW":
+        return a[:, None]
+    if layout == "NHWC":
+        return a.permute(0, 3, 1, 2)
+    if layout == "NCHW":
+        return a
+    raise ValueError(f"unknown layout {layout!r}")
 
 
 def record_keys(methods: Sequence[str]) -> list[str]:
@@ -297,38 +346,26 @@ def _block_records(
     return out
 
 
-def _method_figures(
-    vals: list[dict[str, Tensor]], m: str, d: int, s: ImageEvalSettings, pilot_nfe: float
-) -> tuple[dict, float]:
-    """The figures of method ``m`` from its per-round records ``vals`` (each ``{value: [N]}``); also returns the
-    data-set standard error in bits/dim that ``target_se`` compares."""
+def _method_figures(tables: list[dict[str, Tensor]], m: str, d: int, s: ImageEvalSettings, pilot_nfe: float) -> dict:
+    """The figures of method ``m`` from the per-round record tables (each ``{key: [N]}``)."""
     to_bits = 1.0 / (d * math.log(2))
     kind = "dequantized" if m == "formula-dequantized" else "discrete"
     offset = math.log2((s.levels - 1) / 2) if kind == "dequantized" else 0.0
-    rounds = len(vals)
-    logp = torch.stack([v["logp"] for v in vals]).mean(0)  # [N] per-example mean over rounds
+    logp, est_se, stated_se = round_stats([t[f"{m}/logp"] for t in tables], [t[f"{m}/stderr"] for t in tables])
     n = logp.shape[0]
-    bpd = -logp * to_bits + offset
-    # the estimator's own error of the data-set mean: from the spread between rounds when there are two or more
-    # (honest whatever the estimator states), else from the estimator's stated per-example standard errors
-    stated = torch.stack([v["stderr"] for v in vals]).pow(2).sum(0).sqrt() / rounds  # [N]
-    stated_se = float(stated.pow(2).sum().sqrt() / n * to_bits)
-    if rounds >= 2:
-        var_i = torch.stack([v["logp"] for v in vals]).var(0) / rounds  # [N] variance of each example's mean
-        est_se = float(var_i.sum().sqrt() / n * to_bits)
-    else:
-        est_se = stated_se
-    terms = {t: float(-torch.stack([v[t] for v in vals]).mean(0).mean() * to_bits) for t in _VALUES[2:5]}
+    bpd = -logp * to_bits + offset  # [N]
+    nfe = float(sum(t[f"{m}/nfe"].mean() for t in tables)) + (pilot_nfe if m.startswith("formula") else 0.0)
     fig = {
         "kind": kind,
         "bpd": float(bpd.mean()),
-        "bpd_stderr": float(bpd.std() / math.sqrt(n)) if n > 1 else stated_se,
-        "bpd_estimator_stderr": est_se,
-        "bpd_estimator_stderr_stated": stated_se,
+        "bpd_stderr": float(bpd.std() / math.sqrt(n)) if n > 1 else est_se * to_bits,
+        "bpd_estimator_stderr": est_se * to_bits,
+        "bpd_estimator_stderr_stated": stated_se * to_bits,
         "nll_nats": float(-logp.mean()),
-        "nfe_per_example": float(sum(v["nfe"].mean() for v in vals)) + (pilot_nfe if m.startswith("formula") else 0.0),
-        "rounds": rounds,
-        "terms_bpd": terms,  # VDM-style split in bits per dimension (each a cost: positive is worse)
+        "nfe_per_example": nfe,
+        "rounds": len(tables),
+        # VDM-style split in bits per dimension (each a cost: positive is worse)
+        "terms_bpd": {v: float(-torch.stack([t[f"{m}/{v}"] for t in tables]).mean() * to_bits) for v in _VALUES[2:5]},
     }
     if kind == "dequantized":
         fig["bpd_offset_dequantization"] = offset
@@ -336,7 +373,7 @@ def _method_figures(
         fig["n_t"] = s.n_t
     else:
         fig.update(variance=s.variance, T=s.schedule.num_steps, steps_sampled=s.ddpm_steps)
-    return fig, est_se
+    return fig
 
 
 @torch.no_grad()
@@ -422,8 +459,6 @@ def evaluate_images(
         store = ResultStore(record_keys(s.methods))
     elif store.keys != record_keys(s.methods):
         raise ValueError(f"store keys {store.keys[:3]}... do not match the methods {s.methods}")
-    if n < store.world:
-        raise ValueError(f"{n} images cannot be sharded over {store.world} processes")
 
     proposal = None
     if any(m.startswith("formula") for m in s.methods):
@@ -443,29 +478,23 @@ def evaluate_images(
         )
     pilot_nfe = min(n, _PILOT_EXAMPLES) * _PILOT_NODES / n
 
-    all_ids = torch.arange(n)
-    mine = all_ids[store.rank :: store.world]
-    compute = lambda ids: _block_records(eps_fn, s, proposal, images, ids, round_, device)  # noqa: E731
-    per_round: list[dict[str, dict[str, Tensor]]] = []
-    se_now: dict[str, float] = {}
-    round_ = 0
-    while True:
-        left = int((~store.done(round_, all_ids)).sum())
-        desc = f"evaluate round {round_}" if target_se else "evaluate"
-        bar = ProgressLog(n, desc=desc, enabled=progress, already=n - left, step=store.world)
-        run_blocks(compute, mine, store, round_, batch_size, bar)
-        bar.close()
-        gather_records(store, round_, mine)
-        tab = store.table(round_, all_ids)
-        per_round.append({m: {v: tab[f"{m}/{v}"] for v in _VALUES} for m in s.methods})
-        for m in s.methods:
-            _, se_now[m] = _method_figures([r[m] for r in per_round], m, d, s, pilot_nfe)
-        round_ += 1
-        if target_se is None or round_ >= max_rounds:
-            break
-        if round_ >= 2 and max(se_now.values()) <= target_se:
-            break
+    def compute_round(r: int):
+        return lambda ids: _block_records(eps_fn, s, proposal, images, ids, r, device)
 
+    def se_of(tables: list[dict[str, Tensor]]) -> float:
+        return max(_method_figures(tables, m, d, s, 0.0)["bpd_estimator_stderr"] for m in s.methods)
+
+    tables, target = evaluate_rounds(
+        compute_round,
+        n,
+        store,
+        batch_size=batch_size,
+        se_of=se_of,
+        target_se=target_se,
+        max_rounds=max_rounds,
+        progress=progress,
+        unit="images",
+    )
     out: dict = {
         "n": n,
         "shape": list(images.shape[1:]),
@@ -487,14 +516,9 @@ def evaluate_images(
         },
         "methods": {},
     }
-    if target_se is not None:
-        out["target_se"] = {
-            "target_bpd": float(target_se),
-            "reached": max(se_now.values()) <= target_se,
-            "rounds": round_,
-            "max_rounds": max_rounds,
-        }
+    if target is not None:
+        out["target_se"] = target
     for m in s.methods:
-        out["methods"][m], _ = _method_figures([r[m] for r in per_round], m, d, s, pilot_nfe)
+        out["methods"][m] = _method_figures(tables, m, d, s, pilot_nfe)
     store.finish(out, n)
     return out
