@@ -1,6 +1,6 @@
 """Bits per dimension of an image model: the density formula (discrete and dequantised) and the DDPM ELBO.
 
-For a discrete-time model trained on ``[t_1, t_T]`` (DESIGN.md §2, issue 6) the network is only evaluated
+For a discrete-time model trained on ``[t_1, t_T]`` (docs/design.md §2) the network is only evaluated
 inside that range: the formula runs on ``[lam(t_T), lam(t_1)]`` with its exact end terms, and
 
 * **discrete** (no dequantisation): the clean end is DDPM's discretised Gaussian decoder at ``t_1``, so
@@ -9,91 +9,159 @@ inside that range: the formula runs on ``[lam(t_T), lam(t_1)]`` with its exact e
   term of VDM at the clean end; bits/dim add ``log2((L - 1) / 2)`` (the bin width on the [-1, 1] scale);
 * **ddpm**: the T-step DDPM ELBO with the model's own reverse variance and the discretised decoder.
 
-Per-example results are keyed by the example's global index, the log-SNR proposal is fitted once on the
-first examples, so the figures are the same in one batch, many batches, or sharded over processes
-(``torch.distributed``): each process evaluates ``index % world == rank`` and the per-example values are
-gathered before the mean and its standard error are taken.
+Every figure is split into VDM's three costs (prior, diffusion, reconstruction; :func:`vdm_terms`).
+
+Scale: the images are streamed in blocks of ``batch_size`` to the model's device, so memory does not grow with
+their number; per-example results are keyed by the example's global index and every random draw by
+``(seed, index, round)`` (:mod:`scoredensity.rng`), and the log-SNR proposal is fitted once on the first
+examples, so the figures are the same in one batch, many batches, sharded over processes
+(``torch.distributed``: each process evaluates ``index % world == rank``), or resumed from a
+:class:`~scoredensity.eval_store.ResultStore` after a kill. ``target_se`` spends calls in rounds (the rng
+``step`` counter is the round) until the data set's standard error is small enough.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from . import rng
 from .data.dataset import levels_to_unit_scale
 from .ddpm import ddpm_elbo
-from .epsfn import EpsFn
-from .formula import example_generator, fit_proposal, log_density
+from .epsfn import PRECISIONS, EpsFn, autocast_context, check_int
+from .eval_store import ResultStore, evaluate_rounds, round_stats
+from .formula import fit_proposal, log_density
+from .logdensity import LogDensity
 from .schedules import DDPMSchedule, logsnr_from_t
 
-__all__ = ["evaluate_images", "IMAGE_METHODS", "data_hash"]
+__all__ = [
+    "evaluate_images",
+    "IMAGE_METHODS",
+    "ImageEvalSettings",
+    "image_eval_settings",
+    "vdm_terms",
+    "data_hash",
+    "model_device",
+    "record_keys",
+    "image_layout",
+    "to_nchw",
+]
 
 IMAGE_METHODS = ("formula-discrete", "formula-dequantized", "ddpm")
 _T_MAX_CAP = 1 - 1e-9  # a zero-terminal-SNR grid ends at t = 1 (log-SNR -inf); stay just inside it
+_VALUES = ("logp", "stderr", "prior", "diffusion", "reconstruction", "nfe")  # the per-example record of one method
+_PILOT_EXAMPLES, _PILOT_NODES = 16, 8
+_ROUND_SHIFT = 40  # round r keys the estimators' draws with example id + r * 2^40 (ids stay below 2^40)
 
 
-def data_hash(levels_data: Tensor) -> str:
-    """SHA-256 of integer image data (as int64, C order) with its shape: identifies the evaluated set."""
-    a = levels_data.to(torch.int64).contiguous().numpy()
-    h = hashlib.sha256(str(tuple(a.shape)).encode())
-    h.update(a.tobytes())
+def data_hash(levels_data: Tensor, block: int = 4096) -> str:
+    """SHA-256 of integer image data (as int64, C order) with its shape: identifies the evaluated set.
+
+    Computed in blocks of ``block`` examples, so a large set is never copied to int64 whole."""
+    h = hashlib.sha256(str(tuple(levels_data.shape)).encode())
+    for s in range(0, levels_data.shape[0], block):
+        h.update(levels_data[s : s + block].to(torch.int64).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def model_device(eps_fn: EpsFn) -> torch.device:
+    """The device of the model's parameters (the first one found on ``eps_fn`` or its ``.model``), else CPU."""
+    for obj in (eps_fn, getattr(eps_fn, "model", None)):
+        params = getattr(obj, "parameters", None)
+        if callable(params):
+            try:
+                return next(iter(params())).device
+            except (StopIteration, TypeError):
+                continue
+    return torch.device("cpu")
 
 
-def _gather(local: dict[str, Tensor], idx: Tensor, n: int, world: int) -> dict[str, Tensor]:
-    """Reassemble per-example tensors computed on shards into full [N] tensors ordered by global index."""
-    if world == 1:
-        return local
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, (idx, local))
-    out = {k: torch.empty(n, dtype=torch.float64) for k in local}
-    for pidx, pvals in parts:
-        for k, v in pvals.items():
-            out[k][pidx] = v
-    return out
+def image_layout(shape: Sequence[int], channels: int, size: Sequence[int] | None = None) -> str:
+    """The layout of an image array of ``shape`` for a model with ``channels`` input channels and (optionally)
+    spatial ``size`` (H, W): ``"NCHW"``, ``"NHWC"`` (improved/guided-diffusion sample files, ``arr_0``) or ``"NHW"``
+    (greyscale, one channel).
+
+    Raises:
+        ValueError: a shape that fits no layout, or fits both NCHW and NHWC (a clear message saying which).
+    """
+    shape = tuple(int(v) for v in shape)
+    size = None if size is None else tuple(int(v) for v in size)
+    if len(shape) == 3:
+        if channels != 1:
+            raise ValueError(
+                f"images of shape {shape} (N, H, W: greyscale) do not fit a model with {channels} channels"
+            )
+        if size is not None and shape[1:] != size:
+            raise ValueError(f"images of shape {shape} (N, H, W) do not fit the model's {size[0]}x{size[1]} images")
+        return "NHW"
+    if len(shape) != 4:
+        raise ValueError(f"images must be [N, C, H, W], [N, H, W, C] or [N, H, W]; got shape {shape}")
+    fits = []
+    if shape[1] == channels and (size is None or shape[2:] == size):
+        fits.append("NCHW")
+    if shape[3] == channels and (size is None or shape[1:3] == size):
+        fits.append("NHWC")
+    if not fits:
+        want = f"{channels} channels" + ("" if size is None else f" of {size[0]}x{size[1]}")
+        raise ValueError(f"images of shape {shape} fit neither NCHW nor NHWC for a model with {want}")
+    if len(fits) == 2:
+        raise ValueError(
+            f"images of shape {shape} are ambiguous for a model with {channels} channels: both NCHW and NHWC fit; "
+            "save them as NCHW with a different shape, or transpose them yourself"
+        )
+    return fits[0]
 
 
-def _dequantize(k: Tensor, ids: Tensor, levels: int, seed: int) -> Tensor:
-    u = torch.stack(
-        [torch.rand(k.shape[1:], generator=example_generator(seed, i, 9), dtype=torch.float64) for i in ids.tolist()]
-    )
-    return levels_to_unit_scale(k, levels, u).float()
+def to_nchw(a: Tensor, layout: str) -> Tensor:
+    """``a`` in ``layout`` (:func:`image_layout`) as [N, C, H, W] (a view when possible)."""
+    if layout == "NHW":
+        return a[:, None]
+    if layout == "NHWC":
+        return a.permute(0, 3, 1, 2)
+    if layout == "NCHW":
+        return a
+    raise ValueError(f"unknown layout {layout!r}")
 
 
-def _summary(vals: dict[str, Tensor], d: int, kind: str, nfe: float, levels: int, extra: dict) -> dict:
-    nll = -vals["logp"]
-    offset = math.log2((levels - 1) / 2) if kind == "dequantized" else 0.0
-    bpd = nll / (d * math.log(2)) + offset
-    n = len(bpd)
-    to_bits = 1.0 / (d * math.log(2))
-    return {
-        "kind": kind,
-        "bpd": float(bpd.mean()),
-        "bpd_stderr": float(bpd.std() / math.sqrt(n)) if n > 1 else float(vals["stderr"][0] * to_bits),
-        "bpd_estimator_stderr": float(vals["stderr"].pow(2).sum().sqrt() / n * to_bits),
-        "nll_nats": float(nll.mean()),
-        "nfe_per_example": nfe,
-        # VDM-style split, in bits per dimension (each a cost: positive is worse)
-        "terms_bpd": {k: float(-vals[k].mean() * to_bits) for k in ("prior", "diffusion", "reconstruction")},
-        **({"bpd_offset_dequantization": offset} if kind == "dequantized" else {}),
-        **extra,
-    }
+def record_keys(methods: Sequence[str]) -> list[str]:
+    """The per-example values stored for ``methods``: ``"<method>/<value>"`` for logp, stderr and the VDM terms."""
+    return [f"{m}/{v}" for m in methods for v in _VALUES]
 
 
-@torch.no_grad()
-def evaluate_images(
+@dataclasses.dataclass(frozen=True)
+class ImageEvalSettings:
+    """Everything that determines the figures of :func:`evaluate_images` (validated; see its Args)."""
+
+    levels: int
+    methods: tuple[str, ...]
+    t_range: tuple[float, float]
+    lam_min: float
+    lam_max: float
+    n_t: int
+    decoder_draws: int
+    ddpm_steps: int | None
+    variance: str | None
+    seed: int
+    precision: str
+    max_batch: int | None
+    schedule: DDPMSchedule | None = dataclasses.field(default=None, compare=False)
+    convention: dict | None = None
+
+    def as_dict(self) -> dict:
+        """JSON-serialisable settings (the schedule as its number of steps)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "schedule"}
+        d["T"] = None if self.schedule is None else self.schedule.num_steps
+        return d
+
+
+def image_eval_settings(
     eps_fn: EpsFn,
     images: Tensor,
     *,
@@ -106,39 +174,29 @@ def evaluate_images(
     decoder_draws: int = 4,
     ddpm_steps: int | None = 50,
     seed: int = 0,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> dict:
-    """Bits per dimension of integer images under a canonical-time model, by several estimators.
-
-    Args:
-        eps_fn: the model in canonical time (e.g. :class:`~scoredensity.adapters.DiffusersEps`; its ``t_range``,
-            ``schedule`` and ``variance_type`` are used when not given).
-        images: [N, C, H, W] integer levels in ``0..levels-1``.
-        levels: ``L`` (256 for 8-bit images); the model sees ``x = 2k/(L-1) - 1``.
-        t_range: ``(t_1, t_T)``, the trained range; the network is never called outside it.
-        methods: subset of ``formula-discrete``, ``formula-dequantized``, ``ddpm``.
-        schedule: the T-step grid for ``ddpm`` (default ``eps_fn.schedule``).
-        variance: ``fixed_small`` / ``fixed_large`` for ``ddpm`` (default the model's ``variance_type``).
-        n_t: log-SNR nodes per example for the formula (each one network call).
-        decoder_draws: z draws for the discretised decoder term.
-        ddpm_steps: KL terms sampled per example for ``ddpm`` (unbiased); ``None`` sums all T.
-        seed: keys every random stream together with the example's index.
-        batch_size: examples per call (bounds memory).
-
-    Returns:
-        A JSON-serialisable dict: per method ``bpd`` (mean), ``bpd_stderr`` (standard error of the mean over the
-        examples, covering the estimator's noise too), ``bpd_estimator_stderr``, ``nfe_per_example``, ``kind``
-        (*discrete* or *dequantized*) and ``terms_bpd`` (prior, diffusion, reconstruction); plus
-        ``preprocessing``, ``data_sha256``, ``n`` and the log-SNR range used.
-    """
-    if images.dtype.is_floating_point or images.dim() < 2:
+    precision: str = "fp32",
+    max_batch: int | None = None,
+    convention: dict | None = None,
+) -> ImageEvalSettings:
+    """Check the options of :func:`evaluate_images` against the model and the images; fill in the model's own
+    range, schedule and variance. Raises ``ValueError``/``TypeError`` naming the offending option."""
+    if not isinstance(images, Tensor) or images.dtype.is_floating_point or images.dim() < 2:
         raise TypeError("images must be an integer tensor of levels [N, *shape]")
-    if int(images.min()) < 0 or int(images.max()) > levels - 1:
-        raise ValueError(f"image levels must lie in 0..{levels - 1}; found [{int(images.min())}, {int(images.max())}]")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty")
+    lo, hi = int(images.min()), int(images.max())
+    if lo < 0 or hi > levels - 1:
+        raise ValueError(f"image levels must lie in 0..{levels - 1}; found [{lo}, {hi}]")
+    methods = tuple(methods)
     unknown = set(methods) - set(IMAGE_METHODS)
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {IMAGE_METHODS}; unknown: {sorted(unknown)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    n_t = check_int("n_t", n_t, 2)
+    decoder_draws = check_int("decoder_draws", decoder_draws, 1)
+    ddpm_steps = check_int("ddpm_steps", ddpm_steps, 2, allow_none=True)
+    max_batch = check_int("max_batch", max_batch, 1, allow_none=True)
     if t_range is None:
         t_range = getattr(eps_fn, "t_range", None)
         if t_range is None:
@@ -161,103 +219,306 @@ def evaluate_images(
                 f"the DDPM ELBO of a model with variance_type {variance!r} needs its learned reverse variances, "
                 "which this evaluation does not support yet; use methods without 'ddpm'"
             )
-
-    n = images.shape[0]
-    d = images[0].numel()
-    rank, world = _dist()
-    if n < world:
-        raise ValueError(f"{n} images cannot be sharded over {world} processes")
-    grid = lambda k: levels_to_unit_scale(k, levels).float()  # noqa: E731
-    # one proposal for every batch and process: fitted on the same first examples everywhere
-    proposal = fit_proposal(
-        eps_fn,
-        grid(images[: min(n, 16)]),
+    else:
+        schedule, variance = None, None
+    return ImageEvalSettings(
+        levels=int(levels),
+        methods=methods,
+        t_range=(t_lo, t_hi),
         lam_min=lam_min,
         lam_max=lam_max,
-        seed=seed,
-        pilot_examples=16,
-        pilot_nodes=8,
+        n_t=n_t,
+        decoder_draws=decoder_draws,
+        ddpm_steps=ddpm_steps,
+        variance=variance,
+        seed=int(seed),
+        precision=precision,
+        max_batch=max_batch,
+        schedule=schedule,
+        convention=convention,
     )
-    pilot_nfe = min(n, 16) * 8 / n
+
+
+def vdm_terms(r: LogDensity, method: str, d: int, lam_min: float, lam_max: float) -> dict[str, Tensor]:
+    """VDM's split of a per-example log-density into ``prior``, ``diffusion`` and ``reconstruction`` [B] (nats;
+    they add up to ``r.logp``).
+
+    The formula's terms are regrouped: its noisy end carries ``-(d/2) softplus(lam_min)`` and its clean end
+    ``+(d/2) softplus(lam_max)`` of the integral's closed-form part, which VDM counts in the diffusion term."""
+    if not method.startswith("formula"):
+        return {"prior": r.terms["prior"], "diffusion": r.terms["diffusion"], "reconstruction": r.terms["decoder"]}
     sp_min, sp_max = (float(F.softplus(torch.tensor(v, dtype=torch.float64))) for v in (lam_min, lam_max))
-    mine = torch.arange(n)[rank::world]
-    local: dict[str, dict[str, list[Tensor]]] = {m: {} for m in methods}
-    nfe: dict[str, float] = {}
-    common = dict(
-        lam_min=lam_min, lam_max=lam_max, n_t=n_t, seed=seed, importance=proposal, control_variate=None, progress=False
-    )
-    for s in tqdm(range(0, len(mine), batch_size), desc="evaluate", disable=not progress or rank != 0):
-        ids = mine[s : s + batch_size]
-        k = images[ids]
-        results = {}
-        if "formula-discrete" in methods:
-            results["formula-discrete"] = log_density(
-                eps_fn,
-                grid(k),
+    return {
+        "prior": r.terms["noisy_end"] - 0.5 * d * sp_min,
+        "diffusion": r.terms["integral"] - 0.5 * d * (sp_max - sp_min),
+        "reconstruction": r.terms["clean_end"] + 0.5 * d * sp_max,
+    }
+
+
+class _Autocast(torch.nn.Module):
+    """``eps_fn`` with its network call autocast to ``precision`` and the output back in float32; attributes
+    (``t_range``, ``schedule``, ...) are those of ``eps_fn``. Used when an estimator takes no ``precision=``."""
+
+    def __init__(self, eps_fn: EpsFn, precision: str) -> None:
+        super().__init__()
+        self.inner = eps_fn
+        self.precision = precision
+
+    def forward(self, x_t: Tensor, t: Tensor, *cond: Tensor) -> Tensor:
+        with autocast_context(self.precision, x_t.device):
+            out = self.inner(x_t, t, *cond)
+        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"] if "inner" in self._modules else self.__dict__["inner"], name)
+
+
+def _scale_kwargs(fn, eps_fn: EpsFn, precision: str, max_batch: int | None) -> tuple[EpsFn, dict]:
+    """The model and keyword arguments that make estimator ``fn`` run at ``precision`` with ``max_batch`` rows per
+    network call: passed through where ``fn`` takes them, else by autocasting the model and ``chunk_size``."""
+    params = inspect.signature(fn).parameters
+    kw: dict = {}
+    if "precision" in params:
+        kw["precision"] = precision
+    elif precision != "fp32":
+        eps_fn = _Autocast(eps_fn, precision)
+    if max_batch is not None:
+        kw["max_batch" if "max_batch" in params else "chunk_size"] = max_batch
+    return eps_fn, kw
+
+
+def _round_keys(ids: Tensor, round_: int) -> Tensor:
+    """The estimators' random-stream keys of examples ``ids`` in round ``round_`` (round 0: the ids themselves)."""
+    return ids + (int(round_) << _ROUND_SHIFT)
+
+
+def _block_records(
+    eps_fn: EpsFn, s: ImageEvalSettings, proposal, images: Tensor, ids: Tensor, round_: int, device: torch.device
+) -> dict[str, Tensor]:
+    """Per-example records (:func:`record_keys`) of the examples ``ids`` of ``images`` in round ``round_``."""
+    k = images[ids].to(device)  # [b, *shape] integer levels
+    d = k[0].numel()
+    keys = _round_keys(ids, round_)
+    grid = levels_to_unit_scale(k, s.levels).float()
+    out: dict[str, Tensor] = {}
+    for m in s.methods:
+        if m == "ddpm":
+            fn, kw = _scale_kwargs(ddpm_elbo, eps_fn, s.precision, s.max_batch)
+            r = ddpm_elbo(
+                fn,
+                grid,
+                schedule=s.schedule,
+                variance=s.variance,
                 decoder="discretized",
-                levels=levels,
-                decoder_draws=decoder_draws,
-                example_ids=ids,
-                **common,
+                levels=s.levels,
+                n_steps_sampled=s.ddpm_steps,
+                seed=s.seed,
+                example_ids=keys,
+                **kw,
             )
-        if "formula-dequantized" in methods:
-            results["formula-dequantized"] = log_density(
-                eps_fn, _dequantize(k, ids, levels, seed), example_ids=ids, **common
+        else:
+            fn, kw = _scale_kwargs(log_density, eps_fn, s.precision, s.max_batch)
+            common = dict(
+                lam_min=s.lam_min,
+                lam_max=s.lam_max,
+                n_t=s.n_t,
+                seed=s.seed,
+                importance=proposal,
+                control_variate=None,
+                progress=False,
+                example_ids=keys,
+                **kw,
             )
-        if "ddpm" in methods:
-            results["ddpm"] = ddpm_elbo(
-                eps_fn,
-                grid(k),
-                schedule=schedule,
-                variance=variance,
-                decoder="discretized",
-                levels=levels,
-                n_steps_sampled=ddpm_steps,
-                seed=seed,
-                example_ids=ids,
-            )
-        for m, r in results.items():
-            if m.startswith("formula"):
-                terms = {
-                    "prior": r.terms["noisy_end"] - 0.5 * d * sp_min,
-                    "diffusion": r.terms["integral"] - 0.5 * d * (sp_max - sp_min),
-                    "reconstruction": r.terms["clean_end"] + 0.5 * d * sp_max,
-                }
-                nfe[m] = r.nfe + pilot_nfe
+            if m == "formula-discrete":
+                r = log_density(
+                    fn, grid, decoder="discretized", levels=s.levels, decoder_draws=s.decoder_draws, **common
+                )
             else:
-                terms = {
-                    "prior": r.terms["prior"],
-                    "diffusion": r.terms["diffusion"],
-                    "reconstruction": r.terms["decoder"],
-                }
-                nfe[m] = r.nfe
-            for key, v in {"logp": r.logp, "stderr": r.stderr, **terms}.items():
-                local[m].setdefault(key, []).append(v)
+                u = rng.uniforms(s.seed, rng.Stream.DEQUANT, ids, d, step=round_, device=device).reshape(k.shape)
+                r = log_density(fn, levels_to_unit_scale(k, s.levels, u.to(device)).float(), **common)
+        nfe = torch.full_like(r.logp, float(r.nfe), dtype=torch.float64)
+        vals = {"logp": r.logp, "stderr": r.stderr, "nfe": nfe, **vdm_terms(r, m, d, s.lam_min, s.lam_max)}
+        for v in _VALUES:
+            out[f"{m}/{v}"] = vals[v].detach().to(torch.float64).cpu()
+    return out
+
+
+def _method_figures(tables: list[dict[str, Tensor]], m: str, d: int, s: ImageEvalSettings, pilot_nfe: float) -> dict:
+    """The figures of method ``m`` from the per-round record tables (each ``{key: [N]}``)."""
+    to_bits = 1.0 / (d * math.log(2))
+    kind = "dequantized" if m == "formula-dequantized" else "discrete"
+    offset = math.log2((s.levels - 1) / 2) if kind == "dequantized" else 0.0
+    logp, est_se, stated_se = round_stats([t[f"{m}/logp"] for t in tables], [t[f"{m}/stderr"] for t in tables])
+    n = logp.shape[0]
+    bpd = -logp * to_bits + offset  # [N]
+    nfe = float(sum(t[f"{m}/nfe"].mean() for t in tables)) + (pilot_nfe if m.startswith("formula") else 0.0)
+    fig = {
+        "kind": kind,
+        "bpd": float(bpd.mean()),
+        "bpd_stderr": float(bpd.std() / math.sqrt(n)) if n > 1 else est_se * to_bits,
+        "bpd_estimator_stderr": est_se * to_bits,
+        "bpd_estimator_stderr_stated": stated_se * to_bits,
+        "nll_nats": float(-logp.mean()),
+        "nfe_per_example": nfe,
+        "rounds": len(tables),
+        # VDM-style split in bits per dimension (each a cost: positive is worse)
+        "terms_bpd": {v: float(-torch.stack([t[f"{m}/{v}"] for t in tables]).mean() * to_bits) for v in _VALUES[2:5]},
+    }
+    if kind == "dequantized":
+        fig["bpd_offset_dequantization"] = offset
+    if m.startswith("formula"):
+        fig["n_t"] = s.n_t
+    else:
+        fig.update(variance=s.variance, T=s.schedule.num_steps, steps_sampled=s.ddpm_steps)
+    return fig
+
+
+@torch.no_grad()
+def evaluate_images(
+    eps_fn: EpsFn,
+    images: Tensor,
+    *,
+    levels: int = 256,
+    t_range: tuple[float, float] | None = None,
+    methods: Sequence[str] = IMAGE_METHODS,
+    schedule: DDPMSchedule | None = None,
+    variance: str | None = None,
+    n_t: int = 32,
+    decoder_draws: int = 4,
+    ddpm_steps: int | None = 50,
+    seed: int = 0,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    max_batch: int | None = None,
+    target_se: float | None = None,
+    max_rounds: int = 64,
+    store: ResultStore | None = None,
+    progress: bool = True,
+) -> dict:
+    """Bits per dimension of integer images under a canonical-time model, by several estimators.
+
+    Computes on the device of the model's parameters (:func:`model_device`); the images may stay on the CPU
+    and are moved there ``batch_size`` at a time.
+
+    Args:
+        eps_fn: the model in canonical time (e.g. :class:`~scoredensity.adapters.DiffusersEps`; its ``t_range``,
+            ``schedule`` and ``variance_type`` are used when not given).
+        images: [N, C, H, W] integer levels in ``0..levels-1``.
+        levels: ``L`` (256 for 8-bit images); the model sees ``x = 2k/(L-1) - 1``.
+        t_range: ``(t_1, t_T)``, the trained range; the network is never called outside it.
+        methods: subset of ``formula-discrete``, ``formula-dequantized``, ``ddpm``.
+        schedule: the T-step grid for ``ddpm`` (default ``eps_fn.schedule``).
+        variance: ``fixed_small`` / ``fixed_large`` for ``ddpm`` (default the model's ``variance_type``).
+        n_t: log-SNR nodes per example for the formula (each one network call).
+        decoder_draws: z draws for the discretised decoder term.
+        ddpm_steps: KL terms sampled per example for ``ddpm`` (unbiased); ``None`` sums all T.
+        seed: keys every random stream together with the example's index and the round.
+        batch_size: examples per estimator call (bounds memory together with ``max_batch``).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the network only; sums stay in float64.
+        max_batch: rows per network call (default: the estimators' memory budget).
+        target_se: evaluate in rounds of independent draws (round ``r`` keys its draws with ``r``) until every
+            method's data-set estimator standard error (``bpd_estimator_stderr``, bits/dim, from the spread
+            between rounds) is at most ``target_se``; ``None``: one round.
+        max_rounds: the most rounds ``target_se`` may spend (a warning in the result if it stops short).
+        store: a :class:`~scoredensity.eval_store.ResultStore` with keys :func:`record_keys` ``(methods)``:
+            records already in it are not recomputed (resume), new ones are written as they are done.
+        progress: a progress bar on a terminal, else periodic plain lines on stderr.
+
+    Returns:
+        A JSON-serialisable dict: per method ``bpd`` (mean), ``bpd_stderr`` (standard error of the mean over the
+        examples, covering the estimator's noise too), ``bpd_estimator_stderr`` (the estimator's part alone),
+        ``nfe_per_example`` (network calls per image, all rounds and the shared pilot included), ``rounds``,
+        ``kind`` (*discrete* or *dequantized*) and ``terms_bpd`` (prior, diffusion, reconstruction); plus
+        ``settings``, ``preprocessing``, ``data_sha256``, ``n``, ``device`` and the log-SNR range used.
+    """
+    s = image_eval_settings(
+        eps_fn,
+        images,
+        levels=levels,
+        t_range=t_range,
+        methods=methods,
+        schedule=schedule,
+        variance=variance,
+        n_t=n_t,
+        decoder_draws=decoder_draws,
+        ddpm_steps=ddpm_steps,
+        seed=seed,
+        precision=precision,
+        max_batch=max_batch,
+    )
+    batch_size = check_int("batch_size", batch_size, 1)
+    max_rounds = check_int("max_rounds", max_rounds, 2 if target_se is not None else 1)
+    if target_se is not None and not (isinstance(target_se, (int, float)) and target_se > 0):
+        raise ValueError(f"target_se must be a positive number of bits/dim, got {target_se!r}")
+    n, d = images.shape[0], images[0].numel()
+    device = model_device(eps_fn)
+    if store is None:
+        store = ResultStore(record_keys(s.methods))
+    elif store.keys != record_keys(s.methods):
+        raise ValueError(f"store keys {store.keys[:3]}... do not match the methods {s.methods}")
+
+    proposal = None
+    if any(m.startswith("formula") for m in s.methods):
+        # one proposal for every block, round and process: fitted on the same first examples everywhere
+        pilot = levels_to_unit_scale(images[: min(n, _PILOT_EXAMPLES)].to(device), s.levels).float()
+        fn, _ = _scale_kwargs(fit_proposal, eps_fn, s.precision, None)
+        fit_kw = {"precision": s.precision} if "precision" in inspect.signature(fit_proposal).parameters else {}
+        proposal = fit_proposal(
+            fn,
+            pilot,
+            lam_min=s.lam_min,
+            lam_max=s.lam_max,
+            seed=s.seed,
+            pilot_examples=_PILOT_EXAMPLES,
+            pilot_nodes=_PILOT_NODES,
+            **fit_kw,
+        )
+    pilot_nfe = min(n, _PILOT_EXAMPLES) * _PILOT_NODES / n
+
+    def compute_round(r: int):
+        return lambda ids: _block_records(eps_fn, s, proposal, images, ids, r, device)
+
+    def se_of(tables: list[dict[str, Tensor]]) -> float:
+        return max(_method_figures(tables, m, d, s, 0.0)["bpd_estimator_stderr"] for m in s.methods)
+
+    tables, target = evaluate_rounds(
+        compute_round,
+        n,
+        store,
+        batch_size=batch_size,
+        se_of=se_of,
+        target_se=target_se,
+        max_rounds=max_rounds,
+        progress=progress,
+        unit="images",
+    )
     out: dict = {
         "n": n,
         "shape": list(images.shape[1:]),
-        "levels": levels,
+        "levels": s.levels,
         "data_sha256": data_hash(images),
-        "lam_range": [lam_min, lam_max],
-        "t_range": [t_lo, t_hi],
-        "seed": seed,
-        "world_size": world,
+        "lam_range": [s.lam_min, s.lam_max],
+        "t_range": list(s.t_range),
+        "seed": s.seed,
+        "world_size": store.world,
+        "device": str(device),
+        "precision": s.precision,
+        "max_batch": s.max_batch,
+        "settings": s.as_dict(),
         "preprocessing": {
-            "scaling": f"x = 2k/({levels}-1) - 1 (k integer levels in 0..{levels - 1})",
+            "scaling": f"x = 2k/({s.levels}-1) - 1 (k integer levels in 0..{s.levels - 1})",
             "dequantization": "formula-dequantized only: x = 2(k + u - 1/2)/(L-1) - 1, u ~ U[0,1) keyed by "
-            "(seed, example index); bpd adds log2((L-1)/2)",
+            "(seed, example index, round); bpd adds log2((L-1)/2)",
             "discrete": "formula-discrete and ddpm: discretised Gaussian decoder, no dequantisation",
         },
         "methods": {},
     }
-    for m in methods:
-        vals = {k: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for k, v in local[m].items()}
-        vals = _gather(vals, mine, n, world)
-        kind = "dequantized" if m == "formula-dequantized" else "discrete"
-        extra = (
-            {"n_t": n_t}
-            if m.startswith("formula")
-            else {"variance": variance, "T": schedule.num_steps, "steps_sampled": ddpm_steps}
-        )
-        out["methods"][m] = _summary(vals, d, kind, nfe.get(m, float("nan")), levels, extra)
+    if target is not None:
+        out["target_se"] = target
+    for m in s.methods:
+        out["methods"][m] = _method_figures(tables, m, d, s, pilot_nfe)
+    store.finish(out, n)
     return out
