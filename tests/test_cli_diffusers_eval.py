@@ -2,13 +2,12 @@
 
 import json
 
+import diffusers
 import numpy as np
 import pytest
 from helpers import tiny_unet
 
 from scoredensity.cli import main
-
-diffusers = pytest.importorskip("diffusers")
 
 
 def _pipeline(path):

@@ -1,11 +1,9 @@
 """`scoredensity export`: a run trained by `scoredensity train --net unet` samples with diffusers' own pipeline."""
 
-import pytest
+import diffusers
 import torch
 
 from scoredensity.cli import main
-
-diffusers = pytest.importorskip("diffusers")
 
 
 def test_trained_unet_run_exports_to_a_working_ddpm_pipeline(tmp_path, capsys):
