@@ -28,6 +28,10 @@ fixed_large and fixed_small (decoder variance b_1, and the published clipped sig
 from __future__ import annotations
 
 import argparse
+import datetime
+import math
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -104,37 +108,154 @@ def samplers(n: int = 10_000, seed: int = 0) -> None:
             )
 
 
-def ddpm_gaps(n: int = 64, seed: int = 0) -> None:
-    """Print the DDPM ELBO's gap to log p_0 per dimension against T (markdown), abar_k = abar(k/T) of VP-linear."""
+def _fragment_header(name: str, command: str, seconds: float) -> list[str]:
+    """First lines of a markdown fragment: who wrote it, the command, when and where."""
+    return [
+        f"<!-- written by benchmarks/estimators.py --part {name}; do not edit by hand -->",
+        "",
+        f"Command: `{command}` ({seconds:.0f} s wall; {datetime.date.today().isoformat()}, {platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}).",
+        "",
+    ]
+
+
+def _paired_ratio(a: torch.Tensor, c: torch.Tensor) -> tuple[float, float]:
+    """mean(a) / mean(c) and its delta-method standard error for paired samples (a_i, c_i)."""
+    ma, mc = float(a.mean()), float(c.mean())
+    cov = torch.cov(torch.stack([a.double(), c.double()]))
+    rel = float(cov[0, 0]) / ma**2 + float(cov[1, 1]) / mc**2 - 2 * float(cov[0, 1]) / (ma * mc)
+    r = ma / mc
+    return r, r * math.sqrt(max(rel, 0.0) / a.numel())
+
+
+def ddpm_gaps(seeds: list[int], n: int = 64, write: str | None = None) -> str:
+    """DDPM ELBO's gap to log p_0 per dimension against T on ring8, pooled over seeds (markdown).
+
+    ``abar_k = abar(k/T)`` of the VP-linear clock; each seed draws new points and new estimator noise.
+    """
+    t0 = time.perf_counter()
     gm = mixture_preset("ring8")
-    x = gm.sample(n, generator=torch.Generator().manual_seed(seed))
-    exact = gm.log_prob(x)
     d = gm.dim
-    print(f"\n### DDPM ELBO gap to log p_0 on ring8 ({n} points), nats per dimension (mean ± se)\n")
-    print("| T | n_z | fixed_large | fixed_small, decoder var b_1 | fixed_small, clipped decoder var (published) |")
-    print("|---|---|---|---|---|")
+    cols = (
+        ("fixed_large", "model", "fixed_large (default decoder)"),
+        ("fixed_small", "model", "fixed_small (default decoder: clipped posterior variance)"),
+        ("fixed_small", "beta", 'fixed_small, decoder_variance="beta"'),
+    )
+    lines = [
+        "| T | n_z | " + " | ".join(c[2] for c in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
     for T, n_z in ((10, 64), (100, 16), (1000, 4), (4000, 1)):
         cells = []
-        for variance, dec in (("fixed_large", "model"), ("fixed_small", "beta"), ("fixed_small", "model")):
-            est = ddpm_elbo(
-                gm.eps,
-                x,
-                schedule=DDPMSchedule.from_clock(VPLinearClock(), T),
-                variance=variance,
-                decoder_variance=dec,
-                n_z=n_z,
-                seed=seed,
+        for variance, dec, _ in cols:
+            gaps = []
+            for seed in seeds:
+                x = gm.sample(n, generator=torch.Generator().manual_seed(seed))
+                est = ddpm_elbo(
+                    gm.eps,
+                    x,
+                    schedule=DDPMSchedule.from_clock(VPLinearClock(), T),
+                    variance=variance,
+                    decoder_variance=dec,
+                    n_z=n_z,
+                    seed=seed,
+                )
+                gaps.append((est.logp - gm.log_prob(x)).double() / d)
+            g = torch.cat(gaps)
+            m, se = float(g.mean()), float(g.std() / math.sqrt(g.numel()))
+            cells.append(f"{m:+.4f} ± {se:.4f} ({abs(m) / se:.1f} se)")
+        lines.append(f"| {T} | {n_z} | " + " | ".join(cells) + " |")
+    command = "python benchmarks/estimators.py --part ddpm" + (f" --write {write}" if write else "")
+    text = "\n".join(
+        _fragment_header("ddpm", command, time.perf_counter() - t0)
+        + [
+            f"DDPM ELBO minus the exact log p_0 on **ring8** (2-D, exact eps), nats per dimension, mean ± se over "
+            f"{len(seeds)} seeds x {n} points (seeds {', '.join(map(str, seeds))}: new points and new noise each); "
+            "in brackets the gap in standard errors (below ~2: not distinguishable from zero). "
+            "`abar_k = abar(k/T)` of the VP-linear clock.",
+            "",
+            *lines,
+            "",
+        ]
+    )
+    if write:
+        Path(write).write_text(text)
+    return text
+
+
+def div_vs_formula(seeds: list[int], dims: list[int], n_ts=(128, 512), write: str | None = None) -> str:
+    """Divergence-form ELBO (one Rademacher probe) against the density formula on the same points (markdown).
+
+    Ratios pooled over the seeds' points, with paired (delta-method) standard errors: the per-example variance
+    ratio at equal n_t (self-reported stderr^2 and actual squared error), and the variance ratio at equal cost
+    (nfe + vjp), i.e. variance x cost.
+    """
+    from scoredensity.elbo import elbo
+    from scoredensity.formula import log_density
+
+    t0 = time.perf_counter()
+    lines = [
+        "| d | n_t | cost formula | cost div-ELBO | stderr ratio div/formula, equal n_t | squared-error ratio, "
+        "equal n_t | variance ratio at equal cost (nfe + vjp) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for d in dims:
+        gm = mixture_preset("anisotropic", d=d)
+        for n_t in n_ts:
+            var_f, var_e, sq_f, sq_e, cost_f, cost_e = [], [], [], [], [], []
+            for seed in seeds:
+                x = gm.sample(N_POINTS.get(d, 16), generator=torch.Generator().manual_seed(seed))
+                exact = gm.log_prob(x)
+                f = log_density(gm.eps, x, n_t=n_t, seed=seed, progress=False)
+                e = elbo(gm.eps, x, n_t=n_t, seed=seed)
+                var_f.append(f.stderr.double().pow(2))
+                var_e.append(e.stderr.double().pow(2))
+                sq_f.append((f.logp - exact).double().pow(2))
+                sq_e.append((e.logp - exact).double().pow(2))
+                cost_f.append(f.nfe)
+                cost_e.append(float(e.info["cost"]))
+            cf, ce = sum(cost_f) / len(seeds), sum(cost_e) / len(seeds)
+            r_var, r_var_se = _paired_ratio(torch.cat(var_e), torch.cat(var_f))
+            r_sq, r_sq_se = _paired_ratio(torch.cat(sq_e), torch.cat(sq_f))
+            se_ratio, se_ratio_se = math.sqrt(r_var), r_var_se / (2 * math.sqrt(r_var))
+            cost_ratio = r_var * ce / cf
+            summary.append((se_ratio, cost_ratio))
+            lines.append(
+                f"| {d} | {n_t} | {cf:.0f} | {ce:.0f} | {se_ratio:.2f} ± {se_ratio_se:.2f} "
+                f"| {r_sq:.2f} ± {r_sq_se:.2f} | {cost_ratio:.1f} ± {r_var_se * ce / cf:.1f} |"
             )
-            cells.append(f"{float((est.logp - exact).mean()) / d:+.4f} ± {est.mean_stderr() / d:.4f}")
-        print(f"| {T} | {n_z} | " + " | ".join(cells) + " |")
+    command = "python benchmarks/estimators.py --part div" + (f" --write {write}" if write else "")
+    text = "\n".join(
+        _fragment_header("div", command, time.perf_counter() - t0)
+        + [
+            "Divergence-form ELBO (`sd.elbo`, one Rademacher probe, its defaults) against the density formula "
+            "(`sd.log_density`, its defaults) on the same points of the anisotropic preset with the exact eps, "
+            f"{len(seeds)} seeds (seeds {', '.join(map(str, seeds))}; "
+            + ", ".join(f"{N_POINTS.get(d, 16)} points at d = {d}" for d in dims)
+            + " per seed). Ratios pooled over all points, ± paired standard error. Cost = eps calls + "
+            "vector-Jacobian products per example.",
+            "",
+            *lines,
+            "",
+            f"- Standard-error ratio at equal n_t: {min(s for s, _ in summary):.2f}-{max(s for s, _ in summary):.2f}; "
+            f"variance ratio at equal cost: {min(c for _, c in summary):.1f}-{max(c for _, c in summary):.1f}.",
+            "",
+        ]
+    )
+    if write:
+        Path(write).write_text(text)
+    return text
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["estimators", "samplers", "ddpm"], default="estimators")
+    p.add_argument("--part", choices=["estimators", "samplers", "ddpm", "div"], default="estimators")
     p.add_argument("--level", choices=["quick", "default", "full"], default="full")
     p.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --part ddpm and --part div")
+    p.add_argument("--write", default=None, help="--part ddpm / div: write the markdown fragment to this file")
     p.add_argument("--out", default=None, help="folder for JSON and PNG per dimension")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small ops)")
     args = p.parse_args()
@@ -143,7 +264,10 @@ def main() -> None:
         samplers(seed=args.seed)
         return
     if args.part == "ddpm":
-        ddpm_gaps(seed=args.seed)
+        print(ddpm_gaps(args.seeds, write=args.write))
+        return
+    if args.part == "div":
+        print(div_vs_formula(args.seeds, args.dims, write=args.write))
         return
     t_all = time.perf_counter()
     for d in args.dims:

@@ -14,7 +14,14 @@ import torch
 from scoredensity.data import DataError, load_dataset
 from scoredensity.data.files import CIFAR10_FILES, CIFAR10_RECORD, MNIST_FILES, read_idx
 
-RNG = np.random.default_rng(0)
+RNG: np.random.Generator  # a fresh generator per test (below): no test's data depends on which tests ran before
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    global RNG
+    RNG = np.random.default_rng(0)
+    yield
 
 
 # ---------------------------------------------------------------------- writers (the formats, by hand)

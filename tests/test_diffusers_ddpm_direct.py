@@ -2,13 +2,11 @@
 
 import math
 
-import pytest
+import diffusers
 import torch
 from helpers import tiny_unet
 
-diffusers = pytest.importorskip("diffusers")
-
-from scoredensity import DiffusersEps, ddpm_elbo  # noqa: E402
+from scoredensity import DiffusersEps, ddpm_elbo
 
 
 def _log_discretized(x, mean, sd, levels=256):

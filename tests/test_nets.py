@@ -85,7 +85,6 @@ def test_eval_eps_fn_keeps_input_gradients():
 
 
 def test_unet_denoiser_images():
-    pytest.importorskip("diffusers")
     net = build_denoiser(denoiser_config([1, 8, 8], channels=[16, 32]))
     _perturb(net)
     x = torch.randn(2, 1, 8, 8)

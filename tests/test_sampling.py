@@ -12,9 +12,12 @@ from scoredensity.mixtures import mixture_preset
 from scoredensity.ode import ODESolverError
 from scoredensity.sampling import SAMPLERS, logsnr_grid, sample
 
-# documented step counts at which each sampler puts every ring8 component within 2 percentage points of 1/8
+# documented step counts at which each sampler puts every ring8 component within 2 percentage points of 1/8 and
+# the samples' mean exact log-density within RING8_LOGP_TOL nats of that of true samples (DDIM with eta = 0 needs
+# 100 steps for the latter: at 25 steps it is 0.26 nats too spread)
+RING8_LOGP_TOL = 0.1
 RING8_STEPS = {
-    ("ddim", 0.0): 25,
+    ("ddim", 0.0): 100,
     ("ddim", 1.0): 25,
     ("euler_maruyama", 1.0): 100,
     ("ode", None): None,  # adaptive dopri5, rtol = atol = 1e-4
@@ -37,8 +40,11 @@ def test_ring8_component_masses(sampler, eta):
     mass = torch.bincount(labels, minlength=8).double() / n
     assert (mass - gm.weights).abs().max() < 0.02, mass
     # and the points sit on the components, not between them: mean log-density near the true one
-    true = gm.log_prob(gm.sample(n, generator=torch.Generator().manual_seed(1))).mean()
-    assert abs(float(gm.log_prob(x.double()).mean() - true)) < 0.5
+    # (the tolerance: the discretisation allowance plus 4 standard errors of the difference of two sample means)
+    true = gm.log_prob(gm.sample(n, generator=torch.Generator().manual_seed(1)))
+    got = gm.log_prob(x.double())
+    se = math.sqrt(float(true.var() + got.var()) / n)
+    assert abs(float(got.mean() - true.mean())) < RING8_LOGP_TOL + 4 * se, (float(got.mean() - true.mean()), se)
 
 
 @pytest.mark.parametrize(

@@ -117,8 +117,17 @@ def test_sde_coefficients_and_noising():
     assert torch.allclose(diffusion_squared(t), 1 / (1 - t))
     z = torch.randn_like(x)
     assert torch.allclose(add_noise(x, z, t), (1 - t).sqrt()[:, None] * x + t.sqrt()[:, None] * z)
-    # the forward SDE keeps unit variance: d/dt Var = 2 f'(x) Var + g^2 = -Var/(1-t) + 1/(1-t) = 0 at Var = 1
-    assert torch.allclose(-1 / (1 - t) + diffusion_squared(t), torch.zeros(4, dtype=torch.float64))
+    # drift, diffusion and add_noise describe one process: the mean m(t) and variance v(t) of add_noise's marginal
+    # solve the SDE's moment equations dm/dt = f(m, t), dv/dt = 2 (df/dx) v + g^2 (central differences in t)
+    h = 1e-6
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    m = add_noise(x, zero, t)
+    v = add_noise(zero, one, t) ** 2
+    dm = (add_noise(x, zero, t + h) - add_noise(x, zero, t - h)) / (2 * h)
+    dv = (add_noise(zero, one, t + h) ** 2 - add_noise(zero, one, t - h) ** 2) / (2 * h)
+    assert torch.allclose(dm, drift(m, t), rtol=1e-6, atol=1e-8)
+    slope = drift(one, t)  # the drift is linear in x
+    assert torch.allclose(dv, 2 * slope * v + diffusion_squared(t)[:, None], rtol=1e-6, atol=1e-8)
 
 
 def test_zero_terminal_snr_grid_interpolates_without_nan():
