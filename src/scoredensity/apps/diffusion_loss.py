@@ -275,7 +275,7 @@ class DiffusionLoss(nn.Module):
 
     # -- likelihood
     @torch.no_grad()
-    def log_prob(self, x: Tensor, c: Tensor, *, n_t: int = 64, seed: int = 0, **formula_kwargs) -> LogDensity:
+    def log_prob(self, x: Tensor, c: Tensor, *, n_t: int = 128, seed: int = 0, **formula_kwargs) -> LogDensity:
         """``log p(x | c)`` per token by the density formula (:func:`scoredensity.formula.log_density`), in nats.
 
         One call of the estimator for all tokens: each token's ``c`` travels with its rows (``cond=``), and each
@@ -283,8 +283,10 @@ class DiffusionLoss(nn.Module):
         log-likelihood of the plug-in reverse SDE (seed 001).
 
         Args:
-            x: [..., D] tokens. c: [..., C] conditions. n_t: log-SNR nodes per token. seed: randomness.
-            formula_kwargs: passed to :func:`~scoredensity.formula.log_density` (``n_z``, ``scheme``, ...).
+            x: [..., D] tokens. c: [..., C] conditions. n_t: log-SNR nodes per token (default 128, the
+                estimators' default). seed: key of all randomness.
+            formula_kwargs: passed to :func:`~scoredensity.formula.log_density` (``n_z``, ``scheme``,
+                ``max_batch``, ``precision``, ...).
 
         Returns:
             :class:`LogDensity` over the flattened tokens (``logp`` and ``stderr`` [N], N = prod of leading dims).
