@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..decoders import end_terms
 from ..epsfn import PRECISIONS, autocast_context, check_data, resolve_max_batch
-from ..formula import end_terms, formula_integrand
+from ..formula import formula_integrand
 from ..losses import keyed_normals, keyed_uniforms
 from ..mixtures import GaussianMixture
 from ..proposals import LambdaProposal

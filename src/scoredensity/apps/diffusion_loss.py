@@ -225,10 +225,7 @@ class DiffusionLoss(nn.Module):
             if self.lam_sampler is not None and self.training:
                 self.lam_sampler.update(self.lam_sampler.bin_stats(lam.cpu(), f.cpu()))
         else:
-            t_lo = torch.sigmoid(torch.tensor(-self.lam_max, dtype=torch.float64))
-            t_hi = torch.sigmoid(torch.tensor(-self.lam_min, dtype=torch.float64))
-            t = t_lo + (t_hi - t_lo) * u
-            lam = torch.log1p(-t) - torch.log(t)
+            lam = LamSampler("t_uniform", self.lam_min, self.lam_max).sample(u)[0]  # t uniform on the range
             t = torch.sigmoid(-lam)
             x_t = torch.sigmoid(lam).sqrt()[:, None] * xr.to(torch.float64) + t.sqrt()[:, None] * z
             eps = self.eps(x_t.to(x2.dtype), t, cr)
