@@ -140,3 +140,19 @@ def test_classifier_precision_autocasts_the_network_only():
     assert (diff < 3 * se + 1e-3).all()
     with pytest.raises(ValueError, match="precision must be one of"):
         classify(net, x, precision="fp64", **kw)
+
+
+def test_adaptive_sampler_state_travels_with_the_head():
+    x, c = torch.randn(6, 2), torch.randn(6, 3)
+    head = diffusion_loss.DiffusionLoss(2, 3, width=16, depth=1, lam_sampling="adaptive")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        head(x, c, generator=gen)
+    state = head.state_dict()
+    other = diffusion_loss.DiffusionLoss(2, 3, width=16, depth=1, lam_sampling="adaptive")
+    assert not torch.equal(other.lam_sampler.proposal().masses, head.lam_sampler.proposal().masses)
+    other.load_state_dict(state)
+    assert torch.equal(other.lam_sampler.proposal().masses, head.lam_sampler.proposal().masses)
+    plain = diffusion_loss.DiffusionLoss(2, 3, width=16, depth=1)
+    plain.load_state_dict(state)  # a uniform head ignores the statistics
+    assert plain.lam_sampler is None
