@@ -32,8 +32,9 @@ Every denoising loss is minimised as a *sample-average approximation*: the noise
 converges to its minimiser; its distance to the exact-objective minimiser is Monte Carlo error of the draws
 (``benchmarks/certify.py`` measures it by refitting with independent draws; the tests state a tolerance).
 
-The neural case (:func:`train_denoiser`) trains any network ``EpsFn`` by the same three losses with fresh draws
-per minibatch, so that it can be judged by the true objective (``benchmarks/certify.py``).
+The neural case (:func:`denoising_loss` here, the loop :func:`scoredensity.apps.certify.fitting.train_denoiser`)
+trains any network ``EpsFn`` by the same three losses with fresh draws per minibatch, so that it can be judged by
+the true objective (``benchmarks/certify.py``).
 """
 
 from __future__ import annotations
