@@ -113,3 +113,46 @@ def test_gan_regulariser_n_draws_and_chunk_are_deprecated_aliases():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="n_z must be >= 2"):
         regulariser_gradient(gm.eps, x, n_z=1)
+
+
+def test_classifier_precision_autocasts_the_network_only():
+    """bf16 autocast of a class-conditional MLP moves each log-likelihood by less than its own noise allows:
+    the same draws (same seed) feed both runs, so the difference is the network's rounding alone, and the sums
+    stay float64."""
+    from scoredensity.apps.classifier import classify
+    from scoredensity.mixtures import mixture_preset
+    from scoredensity.nets import MLPDenoiser
+
+    gm = mixture_preset("blobs2d")
+    x = gm.sample(16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    net = MLPDenoiser((2,), hidden=32, blocks=1, emb_dim=16, num_classes=3)
+    with torch.no_grad():  # a non-trivial, label-dependent output (zero-initialised layers made non-zero)
+        for prm in net.parameters():
+            prm.add_(0.2 * torch.randn_like(prm))
+    kw = dict(budget=3 * 32, round_size=16, seed=1, importance="uniform", eliminate=False)
+    ref = classify(net, x, **kw)
+    low = classify(net, x, precision="bf16", **kw)
+    assert low.info["precision"] == "bf16" and low.log_likelihood.dtype == torch.float64
+    diff = (low.log_likelihood - ref.log_likelihood).abs()
+    assert (diff > 0).any(), "bf16 changed nothing: the autocast did not reach the network"
+    se = ref.covariance.diagonal(dim1=1, dim2=2).sqrt()  # [B, C]
+    assert (diff < 3 * se + 1e-3).all()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        classify(net, x, precision="fp64", **kw)
+
+
+def test_adaptive_sampler_state_travels_with_the_head():
+    x, c = torch.randn(6, 2), torch.randn(6, 3)
+    head = diffusion_loss.DiffusionLoss(2, 3, width=16, depth=1, lam_sampling="adaptive")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        head(x, c, generator=gen)
+    state = head.state_dict()
+    other = diffusion_loss.DiffusionLoss(2, 3, width=16, depth=1, lam_sampling="adaptive")
+    assert not torch.equal(other.lam_sampler.proposal().masses, head.lam_sampler.proposal().masses)
+    other.load_state_dict(state)
+    assert torch.equal(other.lam_sampler.proposal().masses, head.lam_sampler.proposal().masses)
+    plain = diffusion_loss.DiffusionLoss(2, 3, width=16, depth=1)
+    plain.load_state_dict(state)  # a uniform head ignores the statistics
+    assert plain.lam_sampler is None

@@ -48,6 +48,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .ddpm import reverse_variances
 from .epsfn import EpsFn, call_eps
 from .mathutil import reverse_drift, reverse_noise_std
 from .ode import solve_ode
@@ -251,16 +252,14 @@ def sample_ddpm(
         noise: [N, *shape] the state ``x_T``.
         steps: ``T`` when ``schedule`` is None: ``DDPMSchedule.from_clock(VPLinearClock(), steps)``.
         schedule: a :class:`DDPMSchedule`; the model is called at ``t_k = 1 - abar_k``.
-        variance: ``"fixed_large"`` (``sigma_k^2 = b_k``) or ``"fixed_small"`` (posterior variance).
-            The last step (k = 1) adds no noise: the output is the mean ``x0_hat(x_1)``.
+        variance: ``"fixed_large"`` (``sigma_k^2 = b_k``) or ``"fixed_small"`` (posterior variance), DDPM's reverse
+            variances (:func:`scoredensity.ddpm.reverse_variances`). The last step (k = 1) adds no noise: the output
+            is the mean ``x0_hat(x_1)``.
     """
     x = _check_noise(noise)
-    if variance not in ("fixed_large", "fixed_small"):
-        raise ValueError(f"variance must be 'fixed_large' or 'fixed_small', got {variance!r}")
     sch = schedule if schedule is not None else DDPMSchedule.from_clock(VPLinearClock(), steps)
     beta, t = sch.betas, sch.times
-    t_prev = torch.cat([t.new_zeros(1), t[:-1]])
-    var = beta if variance == "fixed_large" else beta * t_prev / t
+    var, _ = reverse_variances(sch, variance)  # step k = 1 adds no noise, so its (clipped) variance is unused
     n = x.shape[0]
     xd = x.to(torch.float64)
     for k in range(sch.num_steps - 1, -1, -1):

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..epsfn import check_data, resolve_max_batch
-from ..formula import end_terms, formula_integrand
+from ..decoders import end_terms
+from ..epsfn import PRECISIONS, autocast_context, check_data, resolve_max_batch
+from ..formula import formula_integrand
 from ..losses import keyed_normals, keyed_uniforms
 from ..mixtures import GaussianMixture
 from ..proposals import LambdaProposal
@@ -183,9 +184,11 @@ def _resolve_prior(log_prior, classes: list[int]) -> Tensor:
     return lp
 
 
-def _call(eps_fn, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+def _call(eps_fn, x_t: Tensor, t: Tensor, y: Tensor, precision: str = "fp32") -> Tensor:
+    """``eps_fn(x_t, t, y=y)`` with the network autocast to ``precision``, checked; half outputs come back float32."""
     try:
-        out = eps_fn(x_t, t, y=y)
+        with autocast_context(precision, x_t.device):
+            out = eps_fn(x_t, t, y=y)
     except TypeError as err:
         raise ValueError(
             f"the model does not accept class labels (calling it with y= failed: {err}); the classifier needs a "
@@ -195,7 +198,7 @@ def _call(eps_fn, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
         raise ValueError(f"the model returned {getattr(out, 'shape', type(out))} for input of shape {tuple(x_t.shape)}")
     if not torch.isfinite(out.flatten(1)).all():
         raise ValueError("the model returned NaN/Inf")
-    return out
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def _check_conditional(eps_fn, x: Tensor, classes: list[int]) -> None:
@@ -217,8 +220,8 @@ def _check_conditional(eps_fn, x: Tensor, classes: list[int]) -> None:
 class _Rows:
     """Evaluates the per-node values of (example, class) pairs on shared or independent draws."""
 
-    def __init__(self, eps_fn, x, classes, weighting, proposal, schedule, crn, seed, max_batch):
-        self.eps_fn, self.x, self.classes = eps_fn, x, classes
+    def __init__(self, eps_fn, x, classes, weighting, proposal, schedule, crn, seed, max_batch, precision="fp32"):
+        self.eps_fn, self.x, self.classes, self.precision = eps_fn, x, classes, precision
         self.weighting, self.proposal, self.schedule = weighting, proposal, schedule
         self.crn, self.seed, self.max_batch = crn, seed, max_batch
         self.shape = tuple(x.shape[1:])
@@ -262,7 +265,7 @@ class _Rows:
         for s in range(0, p * n, self.max_batch):
             sl = slice(s, min(s + self.max_batch, p * n))
             with torch.no_grad():
-                eps = _call(self.eps_fn, flat_x[sl], flat_t[sl], labels[sl])
+                eps = _call(self.eps_fn, flat_x[sl], flat_t[sl], labels[sl], self.precision)
             if self.weighting == "formula":
                 lam = torch.log1p(-flat_t[sl]) - torch.log(flat_t[sl])
                 out[sl] = formula_integrand(flat_z[sl], eps, lam, True)
@@ -317,6 +320,7 @@ def classify(
     pilot_nodes: int = 16,
     seed: int = 0,
     max_batch: int | None = None,
+    precision: str = "fp32",
     chunk_size: int | None = None,
 ) -> ClassifierResult:
     """Class log-posteriors by the density formula of a class-conditional denoiser, with standard errors.
@@ -344,6 +348,8 @@ def classify(
         check_conditional: refuse a model whose output ignores the label.
         seed: randomness keyed by (seed, round, example): results do not depend on batching.
         max_batch: rows per network call (default ~2^18 / d); results do not depend on it.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the network call only; the integrand, the
+            sums and the log-odds stay float64.
         chunk_size: deprecated alias of ``max_batch`` (DeprecationWarning).
 
     Returns:
@@ -368,6 +374,8 @@ def classify(
     if max_batch is None and chunk_size is None:
         max_batch = max(1, (1 << 18) // d)
     max_batch = resolve_max_batch(max_batch, d, chunk_size)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if check_conditional:
         _check_conditional(eps_fn_cond, x, classes)
 
@@ -384,7 +392,9 @@ def classify(
             raise ValueError(f"importance must be 'adaptive', 'uniform' or a LambdaProposal, got {importance!r}")
     else:
         schedule = DDPMSchedule(linear_betas(num_steps))  # DDPM's linear 1e-4..0.02
-    rows = _Rows(eps_fn_cond, x, classes, weighting, proposal, schedule, common_random_numbers, seed, max_batch)
+    rows = _Rows(
+        eps_fn_cond, x, classes, weighting, proposal, schedule, common_random_numbers, seed, max_batch, precision
+    )
     pilot_calls = 0
     if weighting == "formula" and importance == "adaptive":
         rows.proposal = _fit_pilot_proposal(rows, b, lam_min, lam_max, pilot_examples, pilot_nodes)
@@ -460,6 +470,8 @@ def classify(
             "lam_max": lam_max,
             "num_steps": num_steps if weighting == "uniform" else None,
             "seed": seed,
+            "precision": precision,
+            "max_batch": max_batch,
             "pilot_calls": pilot_calls,
         },
     )

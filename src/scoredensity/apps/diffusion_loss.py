@@ -137,7 +137,17 @@ class DiffusionLoss(nn.Module):
         for layer in (self.out_ada[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self._register_load_state_dict_pre_hook(_rename_time_embedding)
+        self._register_load_state_dict_pre_hook(_upgrade_state_dict)
+
+    # -- state of the adaptive log-SNR sampler travels with the weights (resuming keeps the proposal)
+    def get_extra_state(self) -> dict:
+        """The adaptive :class:`~scoredensity.losses.LamSampler`'s statistics (empty without one)."""
+        return {} if self.lam_sampler is None else {"lam_sampler": self.lam_sampler.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore :meth:`get_extra_state` (a state without sampler statistics leaves the sampler fresh)."""
+        if self.lam_sampler is not None and state.get("lam_sampler"):
+            self.lam_sampler.load_state_dict(state["lam_sampler"])
 
     # -- checks
     def _check(self, x: Tensor | None, c: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -225,10 +235,7 @@ class DiffusionLoss(nn.Module):
             if self.lam_sampler is not None and self.training:
                 self.lam_sampler.update(self.lam_sampler.bin_stats(lam.cpu(), f.cpu()))
         else:
-            t_lo = torch.sigmoid(torch.tensor(-self.lam_max, dtype=torch.float64))
-            t_hi = torch.sigmoid(torch.tensor(-self.lam_min, dtype=torch.float64))
-            t = t_lo + (t_hi - t_lo) * u
-            lam = torch.log1p(-t) - torch.log(t)
+            lam = LamSampler("t_uniform", self.lam_min, self.lam_max).sample(u)[0]  # t uniform on the range
             t = torch.sigmoid(-lam)
             x_t = torch.sigmoid(lam).sqrt()[:, None] * xr.to(torch.float64) + t.sqrt()[:, None] * z
             eps = self.eps(x_t.to(x2.dtype), t, cr)
@@ -275,7 +282,7 @@ class DiffusionLoss(nn.Module):
 
     # -- likelihood
     @torch.no_grad()
-    def log_prob(self, x: Tensor, c: Tensor, *, n_t: int = 64, seed: int = 0, **formula_kwargs) -> LogDensity:
+    def log_prob(self, x: Tensor, c: Tensor, *, n_t: int = 128, seed: int = 0, **formula_kwargs) -> LogDensity:
         """``log p(x | c)`` per token by the density formula (:func:`scoredensity.formula.log_density`), in nats.
 
         One call of the estimator for all tokens: each token's ``c`` travels with its rows (``cond=``), and each
@@ -283,8 +290,10 @@ class DiffusionLoss(nn.Module):
         log-likelihood of the plug-in reverse SDE (seed 001).
 
         Args:
-            x: [..., D] tokens. c: [..., C] conditions. n_t: log-SNR nodes per token. seed: randomness.
-            formula_kwargs: passed to :func:`~scoredensity.formula.log_density` (``n_z``, ``scheme``, ...).
+            x: [..., D] tokens. c: [..., C] conditions. n_t: log-SNR nodes per token (default 128, the
+                estimators' default). seed: key of all randomness.
+            formula_kwargs: passed to :func:`~scoredensity.formula.log_density` (``n_z``, ``scheme``,
+                ``max_batch``, ``precision``, ...).
 
         Returns:
             :class:`LogDensity` over the flattened tokens (``logp`` and ``stderr`` [N], N = prod of leading dims).
@@ -295,13 +304,14 @@ class DiffusionLoss(nn.Module):
         return log_density(self.eps, x2, n_t=n_t, seed=seed, cond=c2, **kw)
 
 
-def _rename_time_embedding(state_dict, prefix, *args) -> None:
-    """Load-state-dict hook: heads saved before the time embedding became :class:`~scoredensity.nets.TimeEmbedding`
-    stored its MLP as ``time_emb.0`` / ``time_emb.2``; they now live under ``time_emb.mlp``."""
-    for key in [
-        k for k in state_dict if k.startswith(prefix + "time_emb.") and not k.startswith(prefix + "time_emb.mlp.")
-    ]:
-        state_dict[prefix + "time_emb.mlp." + key[len(prefix + "time_emb.") :]] = state_dict.pop(key)
+def _upgrade_state_dict(state_dict, prefix, *args) -> None:
+    """Load-state-dict hook for heads saved by older versions: the time embedding's MLP, once ``time_emb.0`` /
+    ``time_emb.2``, now lives under ``time_emb.mlp`` (:class:`~scoredensity.nets.TimeEmbedding`), and a state
+    without the sampler's extra state gets an empty one."""
+    old = prefix + "time_emb."
+    for key in [k for k in state_dict if k.startswith(old) and not k.startswith(old + "mlp.")]:
+        state_dict[old + "mlp." + key[len(old) :]] = state_dict.pop(key)
+    state_dict.setdefault(prefix + "_extra_state", {})
 
 
 # ------------------------------------------------------------------------------------------- AR backbone

@@ -39,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..decoders import end_terms
 from ..epsfn import EpsFn, call_eps, check_data, check_int
-from ..formula import end_terms, formula_integrand
+from ..formula import formula_integrand
+from ..losses import LamSampler
 from ..mixtures import GaussianMixture
 
 __all__ = [
@@ -69,10 +71,10 @@ def _draw_lam(n: int, weighting: str, lam_min: float, lam_max: float, generator)
     width = lam_max - lam_min
     if weighting == "formula":  # q uniform in lam, w = 1
         return lam_min + width * u, torch.full((n,), width, dtype=torch.float64)
-    # t uniform on [t_lo, t_hi]; w(lam) = c t (1 - t) with ∫ w dlam = width, so w / q = width
-    t_lo, t_hi = 1 / (1 + math.exp(lam_max)), 1 / (1 + math.exp(lam_min))
-    t = t_lo + (t_hi - t_lo) * u
-    return torch.log1p(-t) - torch.log(t), torch.full((n,), width, dtype=torch.float64)
+    # t uniform on [t_lo, t_hi] (the trainer's "t_uniform" draw); w(lam) = c t (1 - t) with ∫ w dlam = width, so
+    # w / q = width
+    lam, _ = LamSampler("t_uniform", lam_min, lam_max).sample(u)
+    return lam, torch.full((n,), width, dtype=torch.float64)
 
 
 def score_regulariser(
@@ -117,13 +119,12 @@ def score_regulariser(
     a = torch.sigmoid(lam).sqrt()[:, None]
     t = torch.sigmoid(-lam)
     noisy, clean = end_terms(x64, lam_min, lam_max)  # noisy_end has a graph to x
+    x_t = a * x64 + t.sqrt()[:, None] * z
     if gradient == "full":
-        x_t = a * x64 + t.sqrt()[:, None] * z
         eps = call_eps(eps_fn, x_t.to(x.dtype), t)
         return -(noisy + clean + wq * formula_integrand(z, eps, lam, True))
     with torch.no_grad():
-        x_t = a * x64 + t.sqrt()[:, None] * z
-        eps = call_eps(eps_fn, x_t.to(x.dtype), t).to(torch.float64)
+        eps = call_eps(eps_fn, x_t.detach().to(x.dtype), t).to(torch.float64)
         value = -(noisy + clean + wq * formula_integrand(z, eps, lam, True))
     # surrogate with gradient sigmoid(lam_min) x + (w/q) a (eps - z), value equal to the estimate
     sur = -noisy + wq * (a * (eps - z) * x64).sum(1)

@@ -32,8 +32,9 @@ Every denoising loss is minimised as a *sample-average approximation*: the noise
 converges to its minimiser; its distance to the exact-objective minimiser is Monte Carlo error of the draws
 (``benchmarks/certify.py`` measures it by refitting with independent draws; the tests state a tolerance).
 
-The neural case (:func:`train_denoiser`) trains any network ``EpsFn`` by the same three losses with fresh draws
-per minibatch, so that it can be judged by the true objective (``benchmarks/certify.py``).
+The neural case (:func:`denoising_loss` here, the loop :func:`scoredensity.apps.certify.fitting.train_denoiser`)
+trains any network ``EpsFn`` by the same three losses with fresh draws per minibatch, so that it can be judged by
+the true objective (``benchmarks/certify.py``).
 """
 
 from __future__ import annotations
@@ -97,19 +98,21 @@ class DenoisingObjective:
         """Model evaluations per call (padding included)."""
         return self.rows.numel()
 
-    def per_example(self, model) -> Tensor:
-        """Per-example loss [N] (nats, float64), differentiable in the model's parameters.
+    def predictions(self, model) -> Tensor:
+        """The model's noise predictions [G, M, d] (float64) at the fixed draws, ``x_t = sqrt(1-t) x + sqrt(t) z``.
 
         ``model`` is a :class:`ParametricMixture` (evaluated group-wise) or any ``EpsFn``.
         """
         g, m, d = self.z.shape
-        a = (1 - self.t).sqrt()[:, None, None]
-        x_t = a * self.x[self.rows] + self.t.sqrt()[:, None, None] * self.z  # [G, M, d]
+        x_t = (1 - self.t).sqrt()[:, None, None] * self.x[self.rows] + self.t.sqrt()[:, None, None] * self.z
         if hasattr(model, "eps_grouped"):
-            eps = model.eps_grouped(x_t, self.t)
-        else:
-            eps = model(x_t.reshape(g * m, d), self.t.repeat_interleave(m)).reshape(g, m, d)
-        err = (self.z - eps.to(torch.float64)).pow(2).sum(-1)  # [G, M]
+            return model.eps_grouped(x_t, self.t).to(torch.float64)
+        return model(x_t.reshape(g * m, d), self.t.repeat_interleave(m)).reshape(g, m, d).to(torch.float64)
+
+    def per_example(self, model) -> Tensor:
+        """Per-example loss [N] (nats, float64), differentiable in the model's parameters (see
+        :meth:`predictions` for ``model``)."""
+        err = (self.z - self.predictions(model)).pow(2).sum(-1)  # [G, M]
         val = self.coef * (err - self.zcoef[:, None] * self.z.pow(2).sum(-1) + self.offset[:, None])
         return self.const.index_add(0, self.rows.flatten(), val.flatten())
 
@@ -314,11 +317,7 @@ def pilot_proposal(model, x: Tensor, *, n_t: int = 64, lam_min: float = -20.0, l
     o = continuous_elbo_objective(x, n_t=n_t, n_chunks=x.shape[0], lam_min=lam_min, lam_max=lam_max, seed=seed)
     g, m, d = o.z.shape
     with torch.no_grad():
-        x_t = (1 - o.t).sqrt()[:, None, None] * o.x[o.rows] + o.t.sqrt()[:, None, None] * o.z
-        if hasattr(model, "eps_grouped"):
-            eps = model.eps_grouped(x_t, o.t)
-        else:
-            eps = model(x_t.reshape(g * m, d), o.t.repeat_interleave(m)).reshape(g, m, d)
+        eps = o.predictions(model)
     lam = (torch.log1p(-o.t) - torch.log(o.t)).repeat_interleave(m)  # [G * M]
     f = formula_integrand(o.z.reshape(g * m, d), eps.reshape(g * m, d), lam, True)
     return LambdaProposal.fit(lam, f, lam_min, lam_max)
