@@ -82,10 +82,10 @@ def test_closed_form_matches_a_many_draw_estimate(setting):
     assert (z.abs() < 4.5).all(), z
 
 
-@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
-def test_all_steps_zscores_have_unit_spread(setting, variance):
+@pytest.mark.parametrize("variance,norm_z", [("fixed_large", False), ("fixed_small", False), ("fixed_small", "snr")])
+def test_all_steps_zscores_have_unit_spread(setting, variance, norm_z):
     gm, x, sch, exact = setting
-    est = ddpm_elbo(gm.eps, x, schedule=sch, variance=variance, seed=1)  # n_z = 2 per step
+    est = ddpm_elbo(gm.eps, x, schedule=sch, variance=variance, norm_z=norm_z, seed=1)  # n_z = 2 per step
     z = _zscores(est, exact[variance])
     assert 0.8 <= float(z.std()) <= 1.25, float(z.std())
     assert abs(float(z.mean())) < 4 / math.sqrt(N)

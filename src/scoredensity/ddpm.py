@@ -163,6 +163,24 @@ def decoder_log_likelihood(
     return -0.5 * (d * (_LOG_2PI + torch.log(variance)) + diff / variance)
 
 
+NORM_Z = (False, True, "snr")
+
+
+def norm_z_coefficients(schedule: DDPMSchedule, norm_z: bool | str) -> Tensor:
+    """Coefficients ``c_k`` [T] of the control variate ``c_k (||z||^2 - d)`` subtracted from ``||z - eps||^2``.
+
+    ``False``: 0; ``True``: 1 (``norm_z`` of the density formula); ``"snr"``: ``(1 - t_k)^2``, the
+    variance-optimal coefficient ``Cov(||z - eps||^2, ||z||^2) / Var(||z||^2)`` for data ``N(0, I)`` with its
+    exact ``eps`` (1 at high SNR where ``eps`` is unrelated to ``z``, 0 at low SNR where ``eps ≈ z``). Any fixed
+    coefficient keeps the estimator unbiased.
+    """
+    if norm_z is True or norm_z is False:
+        return torch.full_like(schedule.times, float(norm_z))
+    if norm_z == "snr":
+        return (1 - schedule.times).pow(2)
+    raise ValueError(f"norm_z must be one of {NORM_Z}, got {norm_z!r}")
+
+
 # ---------------------------------------------------------------------------------------------- step proposal
 @dataclass(frozen=True)
 class StepProposal:
@@ -226,7 +244,7 @@ class _Setup:
     t: Tensor  # [T] canonical times
     weights: Tensor  # [T] c1^2 / (2 sigma^2)
     clip: bool
-    norm_z: bool
+    cv: Tensor  # [T] coefficient of the ||z||^2 - d control variate per step (0: off)
     precision: str
     max_batch: int
     seed: int
@@ -234,7 +252,8 @@ class _Setup:
 
 def _step_rows(s: _Setup, ex: Tensor, k: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     """For rows (example ``ex`` [N], 0-based step ``k`` [N], noise ``z`` [N, *shape] float64): the squared error
-    ``||x - x0_hat||^2`` (norm_z-corrected as ``w``-free units, see :func:`_kl_model_part`) and ``x0_hat``.
+    ``||x - x0_hat||^2`` less the control variate ``c_k t_k / abar_k (||z||^2 - d)`` (:func:`norm_z_coefficients`)
+    and ``x0_hat``.
 
     Returns ``(sq [N], x0_hat [N, *shape])`` float64, with ``sq`` the distance in data space.
     """
@@ -251,9 +270,8 @@ def _step_rows(s: _Setup, ex: Tensor, k: Tensor, z: Tensor) -> tuple[Tensor, Ten
         sq = (x0 - x0_hat).flatten(1).pow(2).sum(1)
     else:  # x - x0_hat = -sqrt(t_k / abar_k) (z - eps), without cancellation
         sq = (sd / a).flatten().pow(2) * (z - eps).flatten(1).pow(2).sum(1)
-    if s.norm_z:  # unbiased: E ||z||^2 = d, in the same units as sq
-        d = z[0].numel()
-        sq = sq - (sd / a).flatten().pow(2) * (z.flatten(1).pow(2).sum(1) - d)
+    d = z[0].numel()  # the control variate is unbiased: E ||z||^2 = d, and c_k does not depend on z
+    sq = sq - s.cv[k] * (sd / a).flatten().pow(2) * (z.flatten(1).pow(2).sum(1) - d)
     return sq, x0_hat
 
 
@@ -347,7 +365,7 @@ def fit_step_proposal(
     variance: str = "fixed_large",
     decoder_variance: str = "model",
     clip_denoised: bool = False,
-    norm_z: bool = False,
+    norm_z: bool | str = False,
     seed: int = 0,
     pilot_examples: int = 8,
     pilot_steps: int = 64,
@@ -475,7 +493,7 @@ def _setup(
         t=sch.times.to(dev),
         weights=kl_weights(sch, model_var).to(dev),
         clip=clip,
-        norm_z=norm_z,
+        cv=norm_z_coefficients(sch, norm_z).to(dev),
         precision=precision,
         max_batch=resolve_max_batch(max_batch, x[0].numel(), chunk_size),
         seed=seed,
@@ -545,7 +563,7 @@ def ddpm_elbo(
     step_proposal: str | StepProposal | Tensor = "analytic",
     n_z: int | None = None,
     decoder_draws: int = 8,
-    norm_z: bool = False,
+    norm_z: bool | str = False,
     seed: int = 0,
     example_ids: Tensor | None = None,
     cond: Tensor | None = None,
