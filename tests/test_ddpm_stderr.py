@@ -91,11 +91,12 @@ def test_all_steps_zscores_have_unit_spread(setting, variance, norm_z):
     assert abs(float(z.mean())) < 4 / math.sqrt(N)
 
 
-@pytest.mark.parametrize("proposal", ["analytic", "pilot"])
-def test_sampled_steps_zscores_have_unit_spread(setting, proposal):
+@pytest.mark.parametrize("proposal,norm_z", [("analytic", False), ("pilot", False), ("analytic", "snr")])
+def test_sampled_steps_zscores_have_unit_spread(setting, proposal, norm_z):
     # the case: 50 sampled steps per example, fixed_small, T = 1000, d = 12 (uniform sampling gave 2.23)
     gm, x, sch, exact = setting
-    est = ddpm_elbo(gm.eps, x, schedule=sch, variance="fixed_small", n_steps_sampled=50, step_proposal=proposal, seed=2)
+    kw = dict(schedule=sch, variance="fixed_small", n_steps_sampled=50, step_proposal=proposal, norm_z=norm_z)
+    est = ddpm_elbo(gm.eps, x, seed=2, **kw)
     z = _zscores(est, exact["fixed_small"])
     assert 0.8 <= float(z.std()) <= 1.25, float(z.std())
     assert abs(float(z.mean())) < 4 / math.sqrt(N)

@@ -638,6 +638,47 @@ class DiffusersEps(nn.Module):
         mean, _ = self._split(self.model_output(x_t, j), x_t)
         return eps_from(self.kind, mean, x_t, t).to(x_t.dtype)
 
+    def eps_and_log_variance(self, x_t: Tensor, t: Tensor, *, clipped: bool = True) -> tuple[Tensor, Tensor]:
+        """``eps`` and the reverse step's log-variance, both [B, *shape], from one network call at grid times ``t``
+        [B] (canonical ``t_j`` of integer timesteps; the DDPM bound of a learned-variance model).
+
+        ``learned_range`` interpolates ``log b_j`` and the posterior log-variance with ``f = (out + 1) / 2``; with
+        ``clipped`` (default, improved-diffusion's ``posterior_log_variance_clipped``) the posterior variance at
+        ``j = 0`` is ``beta_tilde_1`` (the next step's), else diffusers' floor 1e-20. ``learned``: the channels are
+        the log-variance. Fixed variance types return their constant log-variance.
+
+        Raises:
+            ValueError: if ``t`` is not on the training grid.
+        """
+        t = _as_t(t, x_t)
+        j = self.step_of_t(t.cpu()).to(x_t.device)
+        step = j.round()
+        if ((j - step).abs() > 1e-6).any():
+            raise ValueError("eps_and_log_variance needs times on the training grid (integer timesteps)")
+        step = step.long()
+        mean, var = self._split(self.model_output(x_t, step), x_t)
+        eps = eps_from(self.kind, mean, x_t, self.times.to(x_t.device)[step]).to(x_t.dtype)
+        large, post = reverse_variances(self.schedule, "fixed_large", "beta")
+        if clipped and len(post) > 1:
+            post = post.clone()
+            post[0] = post[1]
+        log_b = large.log().to(x_t.device)[step]
+        log_bt = post.clamp_min(1e-20).log().to(x_t.device)[step]
+        shape = (-1,) + (1,) * (x_t.dim() - 1)
+        vt = self.variance_type
+        if vt == "learned":
+            lv = var.to(torch.float64)
+        elif vt == "learned_range":
+            frac = (var.to(torch.float64) + 1) / 2
+            lv = frac * log_b.reshape(shape) + (1 - frac) * log_bt.reshape(shape)
+        elif vt in ("fixed_small", "fixed_small_log"):
+            lv = log_bt.reshape(shape).expand_as(x_t).to(torch.float64)
+        elif vt in ("fixed_large", "fixed_large_log"):
+            lv = log_b.reshape(shape).expand_as(x_t).to(torch.float64)
+        else:
+            raise ValueError(f"unknown variance_type {vt!r}")
+        return eps, lv
+
     def reverse_log_variance(self, x_t: Tensor, step: Tensor) -> Tensor:
         """Log-variance [B, *shape] of the reverse step ``p(x_{j-1} | x_j)`` at integer timesteps ``step`` [B],
         as diffusers' ``DDPMScheduler`` defines it for this ``variance_type``.

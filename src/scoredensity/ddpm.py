@@ -37,11 +37,13 @@ Randomness goes through :mod:`scoredensity.rng` (streams ``DDPM_NOISE``, ``DDPM_
 ``DECODER_NOISE``) keyed by example id and draw number, generated on ``x``'s device: results do not depend on
 batch, chunk or shard boundaries, and a test can rebuild the exact ``z`` of every term ("matched noise").
 
-``norm_z`` (unbiased control variate): ``||z - eps||^2 - ||z||^2 + d`` in place of ``||z - eps||^2`` (the model's
-part of each KL term and the Gaussian decoder; with clipping ``w_k (||z||^2 - d)`` is subtracted likewise).
-Measured (benchmarks/norm_z.py, docs/bench_norm_z.md): it cancels the chi-square noise of the first steps when
-``eps`` is close to the exact one, but it doubled the per-image spread of a random-weight diffusers U-Net at
-T = 100; the default is off here and on in the density formula (exact scores at high SNR).
+``norm_z`` (unbiased control variate): ``||z - eps||^2 - c_k (||z||^2 - d)`` in place of ``||z - eps||^2`` (the
+model's part of each KL term and the Gaussian decoder), with a fixed coefficient per step
+(:func:`norm_z_coefficients`): ``False`` 0, ``True`` 1, ``"snr"`` (default) ``(1 - t_k)^2``. Measured
+(benchmarks/norm_z.py, docs/bench_norm_z.md, per-example variance relative to ``False``): ``"snr"`` 0.02-0.22 with
+exact Gaussian scores, 0.22-0.55 with a random-weight U-Net, 0.28 / 0.15 (fixed_large / fixed_small) with a
+trained digits U-Net at T = 1000, but 1.5 / 1.3 with that U-Net at T = 100, where ``False`` is best and ``True``
+costs 4.7 / 2.0.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from torch import Tensor
 from . import rng
 from .conventions import Convention, get_convention
 from .decoders import CDFS, discretized_gaussian_log_likelihood, prior_kl
-from .epsfn import EpsFn, call_eps, check_data, check_int, resolve_max_batch
+from .epsfn import EpsFn, autocast_context, call_eps, check_data, check_int, resolve_max_batch
 from .logdensity import LogDensity
 from .schedules import DDPMSchedule
 
@@ -72,11 +74,14 @@ __all__ = [
     "NOISE_BLOCK",
     "discretized_gaussian_log_likelihood",
     "VARIANCES",
+    "LEARNED_VARIANCES",
     "DECODERS",
     "DECODER_VARIANCES",
 ]
 
 VARIANCES = ("fixed_large", "fixed_small")
+LEARNED_VARIANCES = ("learned_range", "learned")
+"""Reverse variances read from the model's variance channels (``eps_fn.eps_and_log_variance``)."""
 DECODERS = ("gaussian", "discretized")
 DECODER_VARIANCES = ("model", "beta", "posterior")
 _LOG_2PI = math.log(2 * math.pi)
@@ -244,35 +249,52 @@ class _Setup:
     t: Tensor  # [T] canonical times
     weights: Tensor  # [T] c1^2 / (2 sigma^2)
     clip: bool
+    learned: bool  # reverse variance from the model's variance channels
+    post_lv: Tensor  # [T] log of the clipped posterior variance (sigma~_1^2 -> sigma~_2^2)
+    c1: Tensor  # [T] posterior-mean coefficient of x
     cv: Tensor  # [T] coefficient of the ||z||^2 - d control variate per step (0: off)
     precision: str
     max_batch: int
     seed: int
 
 
-def _step_rows(s: _Setup, ex: Tensor, k: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """For rows (example ``ex`` [N], 0-based step ``k`` [N], noise ``z`` [N, *shape] float64): the squared error
-    ``||x - x0_hat||^2`` less the control variate ``c_k t_k / abar_k (||z||^2 - d)`` (:func:`norm_z_coefficients`)
-    and ``x0_hat``.
+def _step_rows(s: _Setup, ex: Tensor, k: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """For rows (example ``ex`` [N], 0-based step ``k`` [N], noise ``z`` [N, *shape] float64): the model's part of
+    the step and ``x0_hat``.
 
-    Returns ``(sq [N], x0_hat [N, *shape])`` float64, with ``sq`` the distance in data space.
+    Fixed variances: ``sq`` = ``||x - x0_hat||^2`` less the control variate ``c_k t_k / abar_k (||z||^2 - d)``
+    (:func:`norm_z_coefficients`), to be multiplied by :func:`kl_weights`. Learned variances: ``sq`` is the whole
+    ``L_{k-1}`` (element-wise Gaussian KL with the model's log-variance ``lv``), returned with ``lv``.
+
+    Returns ``(sq [N], x0_hat [N, *shape], lv [N, *shape] or None)`` float64.
     """
     bshape = (-1,) + (1,) * (s.x.dim() - 1)
     x0 = s.x64[ex]
     a, sd = s.sqrt_abar[k].reshape(bshape), s.sqrt_t[k].reshape(bshape)
     xk = a * x0 + sd * z
     extra = () if s.cond is None else (s.cond[ex],)
-    eps = call_eps(s.eps_fn, xk.to(s.x.dtype), s.t[k], *extra, precision=s.precision)
-    eps = eps.to(torch.float64)
+    lv = None
+    if s.learned:
+        with autocast_context(s.precision, s.x.device):
+            eps, lv = s.eps_fn.eps_and_log_variance(xk.to(s.x.dtype), s.t[k], *extra)
+        eps, lv = eps.to(torch.float64), lv.to(torch.float64)
+    else:
+        eps = call_eps(s.eps_fn, xk.to(s.x.dtype), s.t[k], *extra, precision=s.precision).to(torch.float64)
     x0_hat = (xk - sd * eps) / a
     if s.clip:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
+    if s.learned:  # KL(N(mu~, sigma~^2) || N(mu, e^lv)) element-wise, mu~ - mu = c1 (x - x0_hat)
+        plv = s.post_lv[k].reshape(bshape)
+        diff2 = (s.c1[k].reshape(bshape) * (x0 - x0_hat)).pow(2)
+        kl = 0.5 * (-1.0 + lv - plv + torch.exp(plv - lv) + diff2 * torch.exp(-lv))
+        return kl.flatten(1).sum(1), x0_hat, lv
+    if s.clip:
         sq = (x0 - x0_hat).flatten(1).pow(2).sum(1)
     else:  # x - x0_hat = -sqrt(t_k / abar_k) (z - eps), without cancellation
         sq = (sd / a).flatten().pow(2) * (z - eps).flatten(1).pow(2).sum(1)
     d = z[0].numel()  # the control variate is unbiased: E ||z||^2 = d, and c_k does not depend on z
     sq = sq - s.cv[k] * (sd / a).flatten().pow(2) * (z.flatten(1).pow(2).sum(1) - d)
-    return sq, x0_hat
+    return sq, x0_hat, None
 
 
 def step_noise(
@@ -327,7 +349,7 @@ def _evaluate(s: _Setup, k_of: Callable[[int], Tensor], n_draws: int, stream: rn
             rows_ex = ex.repeat(len(js))
             rows_k = torch.cat([k_of(j)[ex] for j in js])
             z = torch.cat([noise(j) for j in js])
-            sq, _ = _step_rows(s, rows_ex, rows_k, z)
+            sq, _, _ = _step_rows(s, rows_ex, rows_k, z)
             out[ex, j0 : j0 + len(js)] = (s.weights[rows_k] * sq).reshape(len(js), -1).T
     return out
 
@@ -348,8 +370,14 @@ def _decoder_term(
             js = range(j0, min(j0 + per_call, draws))
             rows_ex = ex.repeat(len(js))
             z = torch.cat([noise(j) for j in js])
-            sq, x0_hat = _step_rows(s, rows_ex, torch.zeros_like(rows_ex), z)
-            if decoder == "gaussian":  # the quadratic is ||x - x0_hat||^2 (norm_z-corrected)
+            sq, x0_hat, lv = _step_rows(s, rows_ex, torch.zeros_like(rows_ex), z)
+            if lv is not None:  # the model's own decoder variance, element-wise
+                xr = s.x64[rows_ex]
+                if decoder == "gaussian":
+                    v = -0.5 * (_LOG_2PI + lv + (xr - x0_hat).pow(2) * torch.exp(-lv)).flatten(1).sum(1)
+                else:
+                    v = discretized_gaussian_log_likelihood(xr, x0_hat, 0.5 * lv, levels, cdf=cdf)
+            elif decoder == "gaussian":  # the quadratic is ||x - x0_hat||^2 (norm_z-corrected)
                 v = -0.5 * (d * (_LOG_2PI + torch.log(variance)) + sq / variance)
             else:
                 v = decoder_log_likelihood(s.x64[rows_ex], x0_hat, variance, decoder, levels, cdf)
@@ -481,7 +509,17 @@ def _setup(
     chunk_size=None,
 ) -> _Setup:
     dev = x.device
-    model_var, _ = reverse_variances(sch, variance, decoder_variance)
+    learned = variance in LEARNED_VARIANCES
+    if learned and not callable(getattr(eps_fn, "eps_and_log_variance", None)):
+        raise ValueError(
+            f"variance={variance!r} needs a model with variance channels (eps_fn.eps_and_log_variance, e.g. a "
+            f"DiffusersEps of a learned-variance scheduler)"
+        )
+    model_var, post_var = reverse_variances(sch, "fixed_small" if learned else variance, decoder_variance)
+    post_clipped = post_var.clone()
+    post_clipped[0] = post_var[1] if len(post_var) > 1 else sch.betas[0]
+    c1, _ = posterior_mean_coefficients(sch)
+    weights = torch.ones_like(model_var) if learned else kl_weights(sch, model_var)
     return _Setup(
         eps_fn=eps_fn,
         x=x,
@@ -491,9 +529,12 @@ def _setup(
         sqrt_abar=torch.exp(0.5 * sch.log_alphas_cumprod).to(dev),
         sqrt_t=sch.times.sqrt().to(dev),
         t=sch.times.to(dev),
-        weights=kl_weights(sch, model_var).to(dev),
+        weights=weights.to(dev),
         clip=clip,
-        cv=norm_z_coefficients(sch, norm_z).to(dev),
+        learned=learned,
+        post_lv=torch.log(post_clipped).to(dev),
+        c1=c1.to(dev),
+        cv=(torch.zeros_like(c1) if learned else norm_z_coefficients(sch, norm_z)).to(dev),
         precision=precision,
         max_batch=resolve_max_batch(max_batch, x[0].numel(), chunk_size),
         seed=seed,
@@ -563,7 +604,7 @@ def ddpm_elbo(
     step_proposal: str | StepProposal | Tensor = "analytic",
     n_z: int | None = None,
     decoder_draws: int = 8,
-    norm_z: bool | str = False,
+    norm_z: bool | str = "snr",
     seed: int = 0,
     example_ids: Tensor | None = None,
     cond: Tensor | None = None,
@@ -590,7 +631,10 @@ def ddpm_elbo(
             ``"improved-diffusion"``, ``"scoredensity"``): sets ``variance``, ``decoder_variance``,
             ``clip_denoised``, ``cdf``, ``decoder`` and ``levels``; explicit arguments override it (the result's
             ``info["convention"]`` then lists the change). ``None``: this library's defaults below.
-        variance: ``"fixed_large"`` (default, ``sigma_k^2 = b_k``) or ``"fixed_small"`` (posterior variance).
+        variance: ``"fixed_large"`` (default, ``sigma_k^2 = b_k``), ``"fixed_small"`` (posterior variance), or
+            ``"learned_range"`` / ``"learned"``: the model's own variance per element, read with
+            ``eps_fn.eps_and_log_variance(x_t, t)`` (:class:`~scoredensity.adapters.DiffusersEps` of a
+            learned-variance model); then ``decoder_variance`` and ``norm_z`` do not apply.
         decoder: ``"gaussian"`` (default; continuous data: ``log N(x; mu_1, sigma_1^2)``) or ``"discretized"``
             (data on ``levels`` levels scaled to [-1, 1]; no dequantisation needed).
         levels: levels of the discretised decoder (default 256).
@@ -608,7 +652,8 @@ def ddpm_elbo(
         n_z: noise draws per step: default 2 when all steps are summed (needed for an unbiased standard error;
             with 1 the standard error is NaN), 1 with sampled steps.
         decoder_draws: draws of z for the decoder step (>= 2, gives its standard error).
-        norm_z: the ``||z||^2 - d`` control variate (unbiased; default off, see the module docstring).
+        norm_z: the ``c_k (||z||^2 - d)`` control variate: ``False``, ``True`` or ``"snr"`` (default; unbiased
+            for every choice; measurements in the module docstring).
         seed: key of all randomness. example_ids: [B] integer keys of the examples (default ``0..B-1``); pass
             global indices when a data set is evaluated in batches or shards.
         cond: [B, ...] row-aligned condition passed to ``eps_fn(x_t, t, cond)``.
@@ -626,8 +671,9 @@ def ddpm_elbo(
     sch = _schedule(betas, schedule, alphas_cumprod)
     ch = _resolve_choices(convention, variance, decoder_variance, clip_denoised, cdf, decoder, levels)
     variance, decoder, levels = ch["variance"], ch["decoder"], ch["levels"]
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    if variance not in VARIANCES + LEARNED_VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES + LEARNED_VARIANCES}, got {variance!r}")
+    learned = variance in LEARNED_VARIANCES
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if ch["cdf"] not in CDFS:
@@ -657,8 +703,10 @@ def ddpm_elbo(
     keys = rng.example_keys(example_ids, b, x.device).to(x.device)
     if cond is not None and cond.shape[0] != b:
         raise ValueError(f"cond must have one row per example ({b}), got shape {tuple(cond.shape)}")
-    model_var, post_var = reverse_variances(sch, variance, ch["decoder_variance"])
+    model_var, post_var = reverse_variances(sch, "fixed_small" if learned else variance, ch["decoder_variance"])
     consts = kl_constants(model_var, post_var, d)  # [T], model-free part, summed exactly
+    if learned:  # the whole KL is the model's
+        consts = torch.zeros_like(consts)
     with torch.inference_mode():
         s = _setup(
             eps_fn,
@@ -723,7 +771,7 @@ def ddpm_elbo(
             "cdf": ch["cdf"] if decoder == "discretized" else None,
             "clip_denoised": ch["clip_denoised"],
             "decoder_variance": ch["decoder_variance"],
-            "decoder_variance_value": float(model_var[0]),
+            "decoder_variance_value": None if learned else float(model_var[0]),
             "n_steps_sampled": n_steps_sampled,
             "step_proposal": proposal_kind,
             "pilot_calls": pilot_calls,
@@ -787,7 +835,8 @@ def _resolve_proposal(
     elif step_proposal == "uniform":
         prop = StepProposal.uniform(T)
     elif step_proposal == "analytic":
-        prop = StepProposal.analytic(sch, variance, ch["decoder_variance"])
+        fixed = "fixed_small" if variance in LEARNED_VARIANCES else variance
+        prop = StepProposal.analytic(sch, fixed, ch["decoder_variance"])
     elif step_proposal == "pilot":
         return fit_step_proposal(
             s.eps_fn,
