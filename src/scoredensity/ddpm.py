@@ -41,9 +41,9 @@ batch, chunk or shard boundaries, and a test can rebuild the exact ``z`` of ever
 model's part of each KL term and the Gaussian decoder), with a fixed coefficient per step
 (:func:`norm_z_coefficients`): ``False`` 0, ``True`` 1, ``"snr"`` (default) ``(1 - t_k)^2``. Measured
 (benchmarks/norm_z.py, docs/bench_norm_z.md, per-example variance relative to ``False``): ``"snr"`` 0.02-0.22 with
-exact Gaussian scores, 0.22-0.55 with a random-weight U-Net, 0.28 / 0.15 (fixed_large / fixed_small) with a
-trained digits U-Net at T = 1000, but 1.5 / 1.3 with that U-Net at T = 100, where ``False`` is best and ``True``
-costs 4.7 / 2.0.
+exact Gaussian scores, 0.22-0.55 with a random-weight U-Net, 0.26 / 0.15 (fixed_large / fixed_small) with a
+trained digits U-Net at its T = 1000, but 2.2 / 2.1 with that U-Net on every 10th step (T = 100), where ``False``
+is best and ``True`` costs 5.8 / 3.0.
 """
 
 from __future__ import annotations
@@ -781,6 +781,8 @@ def ddpm_elbo(
             "seed": seed,
             "precision": precision,
             "max_batch": s.max_batch,
+            "lam_min": float(torch.log1p(-sch.times[-1]) - torch.log(sch.times[-1])),  # the grid's log-SNR range
+            "lam_max": float(torch.log1p(-sch.times[0]) - torch.log(sch.times[0])),
             "stderr": "unbiased per-step variance" if (n_z > 1 or n_steps_sampled) else "none (n_z = 1: NaN)",
         },
     )
