@@ -153,7 +153,7 @@ def _settings(name, over):
 
 
 def _compare(eps_fn, raw_model, x, betas, name, over):
-    est = ddpm_elbo(eps_fn, x, betas=betas, convention=name, n_z=1, decoder_draws=2, seed=4, **over)
+    est = ddpm_elbo(eps_fn, x, betas=betas, convention=name, n_z=1, decoder_draws=2, seed=4, norm_z=False, **over)
     ours = est.bits_per_dim()
     ref = reference_bpd(raw_model, x, betas, seed=4, n_dec=2, **_settings(name, over))
     assert est.info["convention"].startswith(name)
