@@ -1,4 +1,4 @@
-"""Foreign model conventions -> one ``EpsFn`` in canonical time (DESIGN.md §1).
+"""Foreign model conventions -> one ``EpsFn`` in canonical time (docs/design.md §1).
 
 Canonical time: ``x_t = a x + s z`` with ``a = sqrt(1 - t)``, ``s = sqrt(t)``. Every model the library consumes
 is seen as ``eps(x_t, t) = E[z | x_t]``. This module is the one place where other conventions are converted:

@@ -1,6 +1,6 @@
 """The discrete DDPM evidence lower bound ``-(L_T + sum_{k>=2} L_{k-1} + L_0)`` of a T-step model (Ho et al. 2020).
 
-The model is read through canonical time (DESIGN.md §1, §3): step ``k`` (1-based) of a
+The model is read through canonical time (docs/design.md §1, §3): step ``k`` (1-based) of a
 :class:`~scoredensity.schedules.DDPMSchedule` sits at ``t_k = 1 - abar_k``, so ``x_k = sqrt(abar_k) x + sqrt(t_k) z``
 and the network is called as ``eps_fn(x_k, t_k)``. With ``a_k = 1 - b_k`` and ``t_0 = 0``:
 
@@ -12,13 +12,19 @@ and the network is called as ``eps_fn(x_k, t_k)``. With ``a_k = 1 - b_k`` and ``
 * reverse variance ``sigma_k^2`` (:func:`reverse_variances`): ``fixed_large`` = ``b_k`` (the KL weight on
   ``||z - eps||^2`` is ``b_k / (2 a_k t_k)``, a Riemann sum of ``dt / (2 t (1-t))``: seed 000 §4.1) or
   ``fixed_small`` = ``sigma~_k^2 = b_k t_{k-1} / t_k`` (weight ``b_k / (2 a_k t_{k-1})``, a gap of about
-  ``0.289 d`` nats remains as ``T -> inf``, DESIGN.md §3);
+  ``0.289 d`` nats remains as ``T -> inf``, docs/design.md §3);
 * the **KL terms** ``L_{k-1} = KL(N(mu~_k, sigma~_k^2) || N(mu_k, sigma_k^2))`` for ``k >= 2`` split into a
   model-free constant ``d/2 (r_k - 1 - log r_k)``, ``r_k = sigma~_k^2 / sigma_k^2``, summed exactly, and the
   model's part ``c1_k^2 ||x - x0_hat||^2 / (2 sigma_k^2)``, estimated (:func:`kl_constants`, :func:`kl_weights`);
 * the **prior term** ``L_T = KL(q(x_T | x) || N(0, I))`` (:func:`scoredensity.decoders.prior_kl`);
 * the **decoder term** ``L_0 = -log p(x | x_1)`` with mean ``mu_1 = x0_hat(x_1)`` (:func:`decoder_log_likelihood`):
-  discretised Gaussian for data on a grid, Gaussian density for continuous data.
+  discretised Gaussian for data on a grid, Gaussian density for continuous data;
+* learned variances (``learned_range`` / ``learned``, improved-diffusion): ``sigma_k^2`` per element from the
+  model's variance channels; every ``L_{k-1}`` is then the model's (element-wise Gaussian KL) and the decoder uses
+  the model's variance at step 1.
+
+Published conventions (Ho et al.'s and improved-diffusion's ``calc_bpd_loop``: decoder variance ``sigma~_2^2``,
+clipped ``x0_hat``, tanh CDF) are named in :mod:`scoredensity.conventions` and selected with ``convention=``.
 
 Estimating the sum (``n_steps_sampled``):
 

@@ -1,4 +1,4 @@
-"""Canonical time, log-SNR, and the clocks other codebases use (DESIGN.md §1).
+"""Canonical time, log-SNR, and the clocks other codebases use (docs/design.md §1).
 
 Canonical ("Li-Yan") time: ``x_t = sqrt(1 - t) x + sqrt(t) z`` for ``t`` in [0, 1]; ``t = 0`` is data,
 ``t = 1`` pure noise. Signal-to-noise ratio ``snr = (1 - t) / t`` and log-SNR
@@ -250,7 +250,7 @@ class DDPMSchedule:
 
     @classmethod
     def from_clock(cls, clock: VPLinearClock | CosineClock, num_steps: int) -> DDPMSchedule:
-        """``abar_k = abar(k / T)`` taken from one continuous clock (DESIGN.md §3), so step counts compare.
+        """``abar_k = abar(k / T)`` taken from one continuous clock (docs/design.md §3), so step counts compare.
 
         Betas are clipped at 0.999 as in Nichol & Dhariwal's cosine schedule (whose ``abar(1) = 0`` would give
         ``b_T = 1``, a zero-terminal-SNR step with an undefined reverse mean); only that last step moves.
