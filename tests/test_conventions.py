@@ -244,3 +244,22 @@ def test_learned_range_matches_the_paper_step_by_step():
         _compare(eps, raw, x, eps.schedule.betas, "improved-diffusion", over)
     with pytest.raises(ValueError, match="variance channels"):
         ddpm_elbo(lambda x_t, t: x_t, x, betas=eps.schedule.betas, variance="learned_range")
+
+
+def test_vdm_categorical_decoder_is_a_distribution():
+    # VDM's decoder normalises N(mean; c_k, s^2) over the levels' centres c_k = 2(k + 1/2)/L - 1
+    from scoredensity.decoders import categorical_gaussian_log_likelihood
+
+    levels = 256
+    k = torch.arange(levels, dtype=torch.float64)
+    x = (2 * (k + 0.5) / levels - 1)[:, None]  # every value of a 1-d datum
+    mean = torch.full_like(x, 0.123)
+    logp = categorical_gaussian_log_likelihood(x, mean, math.log(0.05), levels)
+    assert abs(float(torch.logsumexp(logp, 0))) < 1e-12
+    direct = torch.log_softmax(-0.5 * ((0.123 - x[:, 0]) / 0.05) ** 2, 0)
+    assert torch.allclose(logp, direct, atol=1e-12)
+    # on the model's grid 2k/(L-1) - 1 (centres="grid") the argmax is the nearest level
+    g = categorical_gaussian_log_likelihood(
+        (2 * k / 255 - 1)[:, None], torch.full((levels, 1), 0.5, dtype=torch.float64), -3.0, levels, centres="grid"
+    )
+    assert int(g.argmax()) == round(1.5 * 255 / 2)
