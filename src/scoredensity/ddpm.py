@@ -339,6 +339,12 @@ class _Noise:
         return self.cache[:, draw % NOISE_BLOCK]
 
 
+def _example_block(s: _Setup) -> int:
+    """Examples handled together: their cached noise block (``NOISE_BLOCK`` draws each) stays within ``max_batch``
+    rows, the memory a network call is sized for."""
+    return min(s.x.shape[0], max(1, s.max_batch // NOISE_BLOCK))
+
+
 def _evaluate(s: _Setup, k_of: Callable[[int], Tensor], n_draws: int, stream: rng.Stream) -> Tensor:
     """Model part ``w_k ||x - x0_hat||^2`` of every (example, draw) [B, n_draws]: draw ``j`` of every example sits
     at 0-based step ``k_of(j)`` [B] with the noise ``step_noise(..., stream, j)``. Rows go to the network
@@ -346,8 +352,9 @@ def _evaluate(s: _Setup, k_of: Callable[[int], Tensor], n_draws: int, stream: rn
     b = s.x.shape[0]
     out = torch.empty(b, n_draws, dtype=torch.float64, device=s.x.device)
     ex_all = torch.arange(b, device=s.x.device)
-    for e0 in range(0, b, s.max_batch):
-        ex = ex_all[e0 : e0 + s.max_batch]
+    eb = _example_block(s)
+    for e0 in range(0, b, eb):
+        ex = ex_all[e0 : e0 + eb]
         noise = _Noise(s, stream, ex)
         per_call = max(1, s.max_batch // len(ex))
         for j0 in range(0, n_draws, per_call):
@@ -368,8 +375,8 @@ def _decoder_term(
     vals = torch.empty(b, draws, dtype=torch.float64, device=s.x.device)
     ex_all = torch.arange(b, device=s.x.device)
     d = s.x[0].numel()
-    for e0 in range(0, b, s.max_batch):
-        ex = ex_all[e0 : e0 + s.max_batch]
+    for e0 in range(0, b, _example_block(s)):
+        ex = ex_all[e0 : e0 + _example_block(s)]
         noise = _Noise(s, rng.Stream.DECODER_NOISE, ex)
         per_call = max(1, s.max_batch // len(ex))
         for j0 in range(0, draws, per_call):
