@@ -37,7 +37,10 @@ Estimating the sum (``n_steps_sampled``):
   bounds the weights), two or more draws per stratum, so the estimator
   ``(1/n_s) sum_j mean_j f(k)/q(k)`` is unbiased and its variance has the unbiased estimate
   ``(1/n_s^2) sum_j s_j^2 / n_j``. Uniformly sampled steps (``step_proposal="uniform"``) are heavy-tailed: a few
-  small-k steps carry most of the sum.
+  small-k steps carry most of the sum. Measured with 50 steps per image on a trained digits U-Net (T = 1000,
+  16 images, 17 levels): per-image standard error 2.29 / 0.096 / 0.156 bits/dim (uniform / analytic / pilot,
+  fixed_large) and 5.23 / 0.108 / 0.233 (fixed_small); on a 12-d exact Gaussian the analytic proposal's
+  per-example z-scores have spread 1.04-1.14 where uniform steps give 3.6-4.0.
 
 Randomness goes through :mod:`scoredensity.rng` (streams ``DDPM_NOISE``, ``DDPM_STEPS``, ``DDPM_PILOT``,
 ``DECODER_NOISE``) keyed by example id and draw number, generated on ``x``'s device: results do not depend on
