@@ -252,7 +252,8 @@ def _solve_block(
         t = torch.sigmoid(-lam_b)
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
-            eps = call_eps(eps_fn, y_.to(x.dtype), t, *extra, precision=precision)
+            # the network gets a copy (a non-leaf): writing into it cannot corrupt the state
+            eps = call_eps(eps_fn, y_.to(x.dtype, copy=True), t.clone(), *extra, precision=precision)
             div_eps = divergence(eps, y_, probes).detach()  # [n_acc, B]; the graph is freed here
         calls[0] += 1
         dy = reverse_drift(y, eps.detach(), lam_b, eta=0.0)
