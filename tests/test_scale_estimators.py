@@ -10,6 +10,7 @@ import torch
 from scoredensity.elbo import elbo
 from scoredensity.formula import fit_proposal, log_density, resolve_control_variate
 from scoredensity.logdensity import LogDensity
+from scoredensity.losses import LamSampler, dsm_loss
 from scoredensity.mixtures import GaussianMixture, StandardNormal, mixture_preset
 from scoredensity.nets import MLPDenoiser
 from scoredensity.ode import ode_log_likelihood
@@ -241,3 +242,78 @@ def test_example_generator_is_deprecated():
 
     with pytest.warns(DeprecationWarning, match="rng"):
         example_generator(0, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------- precision
+def _trained_ring8_mlp(steps: int = 200) -> torch.nn.Module:
+    """A small MLPDenoiser trained for ``steps`` steps of the likelihood-weighted loss on ring8 (a few seconds)."""
+    gm = mixture_preset("ring8")
+    torch.manual_seed(0)
+    net = MLPDenoiser([2], hidden=32, blocks=2, emb_dim=16).to("cpu")
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    sampler = LamSampler("uniform", -12.0, 12.0)
+    data = gm.sample(4096, generator=_gen(0)).float().to("cpu")
+    for step in range(steps):
+        index = torch.arange(step * 256, (step + 1) * 256, device="cpu")
+        out = dsm_loss(net, data[index % 4096], weighting="elbo", sampler=sampler, seed=0, step=step, index=index)
+        opt.zero_grad()
+        out.loss.mean().backward()
+        opt.step()
+    net.lam_range = (-12.0, 12.0)  # as load_run marks a trained network
+    return net.eval()
+
+
+def _autocast_dtypes(module: torch.nn.Module) -> set:
+    """Records the dtypes of every Linear / Conv2d output while the estimator runs."""
+    seen = set()
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    return seen
+
+
+def _agree_within_stderr(a: LogDensity, b: LogDensity) -> None:
+    """bf16 and fp32 (common random numbers) agree within the stated standard error of the mean."""
+    joint = math.hypot(a.mean_stderr(), b.mean_stderr())
+    assert abs(a.mean() - b.mean()) < joint
+    assert float((a.logp - b.logp).abs().max()) < float(torch.hypot(a.stderr, b.stderr).max())
+    assert a.info["precision"] == "bf16" and b.info["precision"] == "fp32"
+
+
+def test_bf16_agrees_with_fp32_within_stderr_on_a_trained_mlp():
+    net = _trained_ring8_mlp()
+    gm = mixture_preset("ring8")
+    x = gm.sample(128, generator=_gen(5)).float().to("cpu")
+    seen = _autocast_dtypes(net)
+    for est in (
+        lambda p: log_density(net, x, n_t=32, seed=1, precision=p),
+        lambda p: elbo(net, x[:32], n_t=32, seed=1, precision=p),
+    ):
+        seen.clear()
+        fp32 = est("fp32")
+        assert seen == {torch.float32}
+        seen.clear()
+        bf16 = est("bf16")
+        assert torch.bfloat16 in seen  # the network really ran in bf16
+        _agree_within_stderr(bf16, fp32)
+        assert fp32.info["lam_min"] == -12.0  # the trained range is picked up
+
+
+def test_bf16_agrees_with_fp32_within_stderr_on_a_small_unet():
+    diffusers = pytest.importorskip("diffusers")
+    from helpers import tiny_unet
+
+    from scoredensity.adapters import DiffusersEps
+
+    unet = tiny_unet()
+    sched = diffusers.DDPMScheduler(num_train_timesteps=100, beta_start=1e-4, beta_end=0.1)
+    eps = DiffusersEps(unet, sched.config)
+    k = torch.randint(0, 17, (16, 1, 8, 8), generator=_gen(0), device="cpu")
+    x = 2 * k.float() / 16 - 1
+    seen = _autocast_dtypes(unet)
+    kw = dict(n_t=16, seed=1, lam_min=-5.1, lam_max=9.2)  # inside the 100-step model's trained range
+    fp32 = log_density(eps, x, precision="fp32", **kw)
+    assert torch.bfloat16 not in seen
+    bf16 = log_density(eps, x, precision="bf16", **kw)
+    assert torch.bfloat16 in seen
+    _agree_within_stderr(bf16, fp32)
