@@ -79,7 +79,7 @@ def test_t_integration_alone_is_exact_for_gaussians(lam_range):
 
 
 def test_standard_normal_integrand_is_one_minus_x_squared():
-    """DESIGN.md §2 check: for N(0,1) data the formula gives -1/2 log(2 pi) - x^2/2."""
+    """docs/design.md §2 check: for N(0,1) data the formula gives -1/2 log(2 pi) - x^2/2."""
     g = GaussianMixture.gaussian(torch.zeros(1), torch.eye(1))
     x = torch.linspace(-3, 3, 7, dtype=torch.float64)[:, None]
     r = integrate_expected_error(g.expected_denoising_error, x)

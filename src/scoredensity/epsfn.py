@@ -36,7 +36,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of float64 working rows per network cal
 
 class EpsFn(Protocol):
     """``eps_fn(x_t [B, *shape], t [B] float64) -> eps [B, *shape]``, predicting ``E[z | x_t]``
-    for ``x_t = sqrt(1-t) x + sqrt(t) z`` (DESIGN.md §1). Score = ``-eps / sqrt(t)``."""
+    for ``x_t = sqrt(1-t) x + sqrt(t) z`` (docs/design.md §1). Score = ``-eps / sqrt(t)``."""
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor: ...
 

@@ -1,4 +1,4 @@
-"""The score-based density formula (DESIGN.md §2) as an estimator.
+"""The score-based density formula (docs/design.md §2) as an estimator.
 
 In log-SNR ``lam`` (``t = sigmoid(-lam)``) the formula reads
 
@@ -125,8 +125,10 @@ def integrate_expected_error(
     b = x.shape[0]
     d = x[0].numel()
     dev = work_device(x)
+    nodes_per_panel = check_int("nodes_per_panel", nodes_per_panel)
     if panels is None:
         panels = max(1, math.ceil(lam_max - lam_min))
+    panels = check_int("panels", panels)
     u, w = _gauss_legendre(nodes_per_panel, dev)
     edges = torch.linspace(lam_min, lam_max, panels + 1, dtype=torch.float64, device=dev)
     width = edges[1:] - edges[:-1]
@@ -593,7 +595,7 @@ def log_density(
     precision: str = "fp32",
     max_batch: int | None = None,
 ) -> LogDensity:
-    """Log-density of ``x`` under the model ``eps_fn`` by the score-based density formula (DESIGN.md §2).
+    """Log-density of ``x`` under the model ``eps_fn`` by the score-based density formula (docs/design.md §2).
 
     Exact (up to Monte Carlo error) for the exact noise predictor; for a learned ``eps_fn`` an unbiased
     estimate of a lower bound (the continuous-time ELBO with VDM end terms, see the module docstring).

@@ -3,7 +3,7 @@
 Two weightings of the per-example denoising error ``||z - eps_theta(x_t, t)||^2``:
 
 * ``elbo`` (likelihood weighting): in log-SNR the density formula's integrand is
-  ``1/2 [D sigmoid(lam) - ||z - eps||^2] dlam`` (DESIGN.md §2), so with ``lam ~ q`` the one-sample estimate
+  ``1/2 [D sigmoid(lam) - ||z - eps||^2] dlam`` (docs/design.md §2), so with ``lam ~ q`` the one-sample estimate
   ``noisy_end + clean_end + integrand / q(lam)`` is an unbiased estimate of the bound
   :func:`scoredensity.formula.log_density` computes, with *the same* end terms
   (:func:`scoredensity.formula.end_terms`). The ``elbo`` loss is minus that: the training loss *is* the

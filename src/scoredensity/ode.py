@@ -152,6 +152,7 @@ def ode_log_likelihood(
     if trace == "hutchinson" and probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
     n_probes = check_int("n_probes", n_probes)
+    seed = check_int("seed", seed, minimum=-(1 << 63))
     max_num_steps = check_int("max_num_steps", max_num_steps)
     steps = check_int("steps", steps, allow_none=True)
     if not (rtol > 0 and atol > 0):

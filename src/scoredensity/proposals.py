@@ -89,6 +89,10 @@ class LambdaProposal:
         Returns:
             The proposal, its masses on the CPU (pilot values from any device are moved there).
         """
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+        if not 0 < floor <= 1:
+            raise ValueError(f"floor must be in (0, 1], got {floor!r}")
         lam = torch.as_tensor(lam, dtype=torch.float64).flatten().cpu()
         values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
         width = (lam_max - lam_min) / n_bins
