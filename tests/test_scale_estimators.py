@@ -317,3 +317,14 @@ def test_bf16_agrees_with_fp32_within_stderr_on_a_small_unet():
     bf16 = log_density(eps, x, precision="bf16", **kw)
     assert torch.bfloat16 in seen
     _agree_within_stderr(bf16, fp32)
+
+
+def test_control_variate_integral_on_a_grid_matches_the_node_by_node_rule():
+    from scoredensity.formula import control_variate_integral, integrate_expected_error
+
+    gm, x = _ring(50)
+    for ref in (GaussianMixture.fit_gaussian(x), StandardNormal()):
+        err = ref.expected_denoising_error_fn(x.double())
+        slow = integrate_expected_error(lambda _x, t, err=err: err(t), x.double(), lam_min=-12.0, lam_max=9.5)
+        fast = control_variate_integral(ref, x.double(), -12.0, 9.5)
+        assert torch.allclose(fast, slow.terms["integral"], rtol=1e-12, atol=1e-10)
