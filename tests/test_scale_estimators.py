@@ -328,3 +328,28 @@ def test_control_variate_integral_on_a_grid_matches_the_node_by_node_rule():
         slow = integrate_expected_error(lambda _x, t, err=err: err(t), x.double(), lam_min=-12.0, lam_max=9.5)
         fast = control_variate_integral(ref, x.double(), -12.0, 9.5)
         assert torch.allclose(fast, slow.terms["integral"], rtol=1e-12, atol=1e-10)
+
+
+def test_elbo_takes_n_z_draws_per_node_and_stays_exact_for_the_exact_eps():
+    gm, x = _ring(40, seed=8)
+    x = x.double()
+    prop = LambdaProposal.uniform(-20.0, 20.0)
+    one = elbo(gm.eps, x, n_t=32, n_z=1, seed=3, importance=prop)
+    four = elbo(gm.eps, x, n_t=32, n_z=4, seed=3, importance=prop)
+    assert (one.nfe, four.nfe, four.info["n_z"]) == (32, 128, 4)
+    gap = float((four.logp - gm.log_prob(x)).mean())
+    assert abs(gap) < 4 * four.mean_stderr()
+    assert four.mean_stderr() < one.mean_stderr()  # more draws per node: less noise
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_estimator_takes_the_shared_vocabulary(name):
+    import inspect
+
+    fn = {"log_density": log_density, "elbo": elbo, "ode": ode_log_likelihood}[name]
+    shared = {"seed", "example_ids", "cond", "precision", "max_batch", "progress", "lam_min", "lam_max"}
+    params = inspect.signature(fn).parameters
+    assert shared <= set(params)
+    assert params["lam_min"].default is None and params["lam_max"].default is None
+    if name != "ode":  # the ODE has no nodes: its solver picks the times
+        assert params["n_t"].default == 128 and params["n_z"].default == 1

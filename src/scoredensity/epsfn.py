@@ -178,7 +178,8 @@ def check_data(x: Tensor, name: str = "x") -> Tensor:
         raise ValueError(f"{name} must be batched, shape [B, *shape]; got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch")
-    finite = torch.isfinite(x.flatten(1)).all(dim=1)
+    rows_per_block = max(1, (1 << 24) // max(1, x[0].numel()))  # bounded temporary, whatever B
+    finite = torch.cat([torch.isfinite(x[sl].flatten(1)).all(dim=1) for sl in row_blocks(x.shape[0], rows_per_block)])
     if not finite.all():
         rows = (~finite).nonzero().flatten()[:10].tolist()
         more = "" if (~finite).sum() <= 10 else f" (and {int((~finite).sum()) - 10} more)"
