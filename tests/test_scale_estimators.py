@@ -77,8 +77,8 @@ def test_bad_options_raise_naming_the_option(name, kw):
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_chunk_size_is_a_deprecated_alias_and_validated(name):
     gm, x = _ring(4)
-    with pytest.warns(DeprecationWarning, match="chunk_size"), pytest.raises(ValueError, match="max_batch"):
-        ESTIMATORS[name](gm.eps, x, chunk_size=-1)
+    with pytest.warns(DeprecationWarning, match="chunk_size"), pytest.raises(ValueError, match="chunk_size"):
+        ESTIMATORS[name](gm.eps, x, chunk_size=-1)  # issue 14.6: once returned +2801 instead of raising
     with pytest.warns(DeprecationWarning, match="chunk_size"):
         r = ESTIMATORS[name](gm.eps, x, chunk_size=7)
     assert r.info["max_batch"] == 7
@@ -360,3 +360,37 @@ def test_every_estimator_takes_the_shared_vocabulary(name):
     assert params["lam_min"].default is None and params["lam_max"].default is None
     if name != "ode":  # the ODE has no nodes: its solver picks the times
         assert params["n_t"].default == 128 and params["n_z"].default == 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"n_t": 0},
+        {"n_t": 16.0},
+        {"n_z": 0},
+        {"n_z": True},
+        {"pilot_nodes": 0},
+        {"pilot_examples": -3},
+        {"decoder_draws": 2.5},
+        {"seed": 1.5},
+        {"max_batch": "64"},
+    ],
+)
+def test_every_integer_option_of_log_density_is_checked(kw):
+    gm, x = _ring(4)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        log_density(gm.eps, x, **kw)
+
+
+@pytest.mark.parametrize("kw", [{"n_t": 0}, {"n_z": 0}, {"n_probes": 0}, {"pilot_nodes": 0}, {"seed": "1"}])
+def test_every_integer_option_of_elbo_is_checked(kw):
+    gm, x = _ring(4)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        elbo(gm.eps, x, **kw)
+
+
+@pytest.mark.parametrize("kw", [{"n_probes": 0, "trace": "hutchinson"}, {"steps": 0}, {"max_num_steps": -1}])
+def test_every_integer_option_of_ode_is_checked(kw):
+    gm, x = _ring(4)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        ode_log_likelihood(gm.eps, x, **kw)

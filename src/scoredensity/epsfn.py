@@ -130,7 +130,7 @@ def resolve_max_batch(max_batch: int | None, row_numel: int, chunk_size: int | N
     if chunk_size is not None:
         warnings.warn("chunk_size is deprecated; use max_batch (rows per network call)", DeprecationWarning, 3)
         if max_batch is None:
-            max_batch = chunk_size
+            return check_int("chunk_size", chunk_size)
     if max_batch is None:
         return default_max_batch(row_numel)
     return check_int("max_batch", max_batch)
