@@ -394,3 +394,44 @@ def test_every_integer_option_of_ode_is_checked(kw):
     gm, x = _ring(4)
     with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
         ode_log_likelihood(gm.eps, x, **kw)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda gm, x, xk: log_density(gm.eps, x, n_t=8, control_variate="batch"),
+        lambda gm, x, xk: log_density(gm.eps, x, n_t=8, n_z=2, scheme="quadrature"),
+        lambda gm, x, xk: log_density(gm.eps, xk, n_t=8, decoder="discretized", levels=17, lam_max=8.0),
+        lambda gm, x, xk: fit_proposal(gm.eps, x),
+        lambda gm, x, xk: elbo(gm.eps, x, n_t=8, n_z=2),
+        lambda gm, x, xk: elbo(gm.eps, x, n_t=8, probe="exact", control_variate="prior"),
+        lambda gm, x, xk: ode_log_likelihood(gm.eps, x, steps=4, trace="hutchinson", n_probes=2),
+        lambda gm, x, xk: ode_log_likelihood(gm.eps, x, rtol=1e-3, atol=1e-3),
+    ],
+)
+def test_estimators_create_every_tensor_where_the_data_live(run, monkeypatch):
+    """With the default device set to 'meta' and the data on the CPU, any tensor an estimator made without naming
+    its device would land on 'meta' and fail: this is how a CPU-only test catches CPU/accelerator mix-ups."""
+    import sys
+
+    gm, x = _ring(20)
+    xk = 2 * torch.randint(0, 17, (20, 2), generator=_gen(0)).float() / 16 - 1
+    as_tensor = torch.as_tensor
+
+    def keep_device(data, dtype=None, device=None):  # as outside a device context: a tensor keeps its device
+        if device is None and isinstance(data, torch.Tensor):
+            device = data.device
+        return as_tensor(data, dtype=dtype, device=device)
+
+    monkeypatch.setattr(torch, "as_tensor", keep_device)
+    end_terms = sys.modules["scoredensity.decoders"].end_terms
+
+    def end_terms_on_data(x, lam_min, lam_max):  # decoders.end_terms makes CPU scalars (not in these files)
+        with torch.device(x.device):
+            return end_terms(x, lam_min, lam_max)
+
+    for module in ("scoredensity.formula", "scoredensity.elbo"):
+        monkeypatch.setattr(sys.modules[module], "end_terms", end_terms_on_data)
+    with torch.device("meta"):
+        out = run(gm, x, xk)
+    assert (out.masses if isinstance(out, LambdaProposal) else out.logp).device.type == "cpu"

@@ -239,7 +239,7 @@ def elbo(
         elif importance == "adaptive":
             pilot_nodes = check_int("pilot_nodes", pilot_nodes)
             pilot_examples = check_int("pilot_examples", pilot_examples)
-            pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique().to(dev)
+            pick = torch.linspace(0, b - 1, min(b, pilot_examples), device=dev).round().long().unique()
             m = len(pick)
             pilot = ((rng.Stream.ELBO_PILOT, 0), (rng.Stream.ELBO_PILOT, 1), (rng.Stream.ELBO_PILOT, 2))
             u, z, pr = _draws(seed, pilot, torch.arange(m, device=dev), pilot_nodes, shape, probe, n_p)

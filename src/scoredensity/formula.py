@@ -413,7 +413,7 @@ def _pilot_proposal(
     examples (stream FORMULA_PILOT, keyed by the pilot slot); the fitted proposal and the ``eps_fn`` calls spent."""
     dev = evaluate.dev
     lam_min, lam_max = lam_range
-    pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique().to(dev)
+    pick = torch.linspace(0, b - 1, min(b, pilot_examples), device=dev).round().long().unique()
     slot = torch.arange(len(pick), device=dev)
     u = rng.uniforms(seed, rng.Stream.FORMULA_PILOT, slot, pilot_nodes, device=dev)  # [m, nodes]
     u = (torch.arange(pilot_nodes, dtype=torch.float64, device=dev)[None] + u) / pilot_nodes

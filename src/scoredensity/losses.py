@@ -104,8 +104,8 @@ class LamSampler:
         self.lam_min, self.lam_max = float(lam_min), float(lam_max)
         self.n_bins, self.floor, self.decay = int(n_bins), float(floor), float(decay)
         self.low_discrepancy = bool(low_discrepancy)
-        self.mean_sq = torch.zeros(self.n_bins, dtype=torch.float64)
-        self.seen = torch.zeros(self.n_bins, dtype=torch.float64)
+        self.mean_sq = torch.zeros(self.n_bins, dtype=torch.float64, device="cpu")  # small: kept on the CPU
+        self.seen = torch.zeros(self.n_bins, dtype=torch.float64, device="cpu")
         self._ddpm: DDPMSchedule | None = None
 
     # -- the proposal

@@ -191,9 +191,9 @@ def ode_log_likelihood(
     if n_acc > 1:
         stderr = c_end.std(0) / math.sqrt(n_acc)
     elif trace == "hutchinson":
-        stderr = torch.full((b,), float("nan"), dtype=torch.float64)
+        stderr = torch.full((b,), float("nan"), dtype=torch.float64, device="cpu")
     else:
-        stderr = torch.zeros(b, dtype=torch.float64)
+        stderr = torch.zeros(b, dtype=torch.float64, device="cpu")
     nfe = sum(calls) / b  # forward calls per example (each block has its own adaptive steps)
     vjp = nfe * (d if trace == "exact" else n_probes)
     return LogDensity(
