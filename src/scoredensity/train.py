@@ -569,6 +569,13 @@ def _prepare_folder(spec: _RunSpec, full_config: dict) -> bool:
     return True
 
 
+def _hms(seconds: float) -> str:
+    """``H:MM:SS`` (hours unbounded)."""
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h:02d}:{m:02d}:{sec:02d}"
+
+
 class _Progress:
     """Progress of the steps: a tqdm bar (``"bar"``), plain lines on stderr every :data:`PROGRESS_SECONDS`
     (``"lines"``, for log files) or nothing (``"off"``)."""
@@ -578,6 +585,8 @@ class _Progress:
         self.t0 = self.last = time.perf_counter()
         self.loss: float | None = None
         self.bar = tqdm(desc="train", initial=start, total=total) if mode == "bar" else None
+        if mode == "lines":
+            print(f"train: starting at step {start} of {total}", file=sys.stderr, flush=True)
 
     def update(self, step: int, loss: float) -> None:
         self.loss = loss
@@ -592,7 +601,7 @@ class _Progress:
     def line(self, step: int, now: float) -> str:
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
-        eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+        eta_s = "?" if not math.isfinite(eta) else _hms(eta)
         loss = "" if self.loss is None else f", loss {self.loss:.4g}"
         return (
             f"train: step {step}/{self.total} ({100 * step / self.total:.0f}%){loss}, {rate:.1f} steps/s, ETA {eta_s}"
