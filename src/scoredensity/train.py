@@ -661,7 +661,8 @@ class _Trainer:
         self.pos = D.shard(cfg.batch_size)
         self.start = 0
         self.saved_step: int | None = None
-        self.signal: int | None = None
+        self.signal: int | None = None  # set by the handler, in this process
+        self.stop: int | None = None  # the signal all processes agreed to stop on (after the step's all-reduce)
         self.skipped = 0
         self.history: list[dict] = []
         self.final_eval: dict | None = None
@@ -788,8 +789,8 @@ class _Trainer:
                 pe.lerp_(pm, 1 - decay)
         if finite:
             self.sampler.update(stats)
-        if scal[2] > 0 and self.signal is None:
-            self.signal = signal.SIGTERM  # another process was signalled: stop together
+        if scal[2] > 0:  # some process was signalled: all stop after this step, together
+            self.stop = self.signal if self.signal is not None else signal.SIGTERM
         return {"loss": float(scal[0]), "nll": float(scal[1]), "lr": lr, "grad_norm": gnorm}
 
     def _diverged(self, step: int, what: str) -> TrainingDiverged:
@@ -857,7 +858,7 @@ class _Trainer:
 
     def checkpoint_if_due(self, step: int, kill_at: int | None) -> None:
         """Save every ``checkpoint_every`` steps, at the last step and when a stop signal arrived."""
-        if not (step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps or self.signal is not None):
+        if not (step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps or self.stop is not None):
             return
         if self.rank == 0:
             _save(self.ckpt_path, self.model, self.ema, self.opt, self.sampler, self.scaler, step, self.full_config)
@@ -868,13 +869,13 @@ class _Trainer:
 
     def stop_if_signalled(self, step: int) -> None:
         """After the checkpoint of a signalled step: raise :class:`TrainingInterrupted`."""
-        if self.signal is None:
+        if self.stop is None:
             return
-        name = signal.Signals(self.signal).name
+        name = signal.Signals(self.stop).name
         raise TrainingInterrupted(
             f"stopped by {name} at step {step} of {self.cfg.steps}; checkpoint saved to {self.ckpt_path}; "
             f"continue with: scoredensity train --resume --out {self.run_dir}",
-            self.signal,
+            self.stop,
             step,
         )
 
