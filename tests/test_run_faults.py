@@ -500,3 +500,40 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypa
     assert re.fullmatch(r"train: step 6/6 \(100%\), loss [-\d.e+]+, [\d.]+ steps/s, ETA 00:00:00", lines[-1])
     train(tmp_path / "quiet", DATA, net=TINY, config=_cfg(steps=6), progress=False)
     assert "train: step" not in capsys.readouterr().err
+
+
+def _signalled_rank(rank: int, world: int, init: str, run: str, queue) -> None:
+    """One of two gloo processes training the same run; only rank 1 receives SIGTERM, at step 5."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    real_draw = T._Trainer.draw_batch
+
+    def draw(self, step):
+        if step == 5 and rank == 1:
+            self.signal = signal.SIGTERM
+        return real_draw(self, step)
+
+    T._Trainer.draw_batch = draw
+    try:
+        train(run, DATA, net=TINY, config=_cfg(steps=20, checkpoint_every=100), progress=False)
+        queue.put((rank, "finished"))
+    except TrainingInterrupted as e:
+        queue.put((rank, e.step))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_signal_to_one_process_stops_all_processes_at_the_same_step(tmp_path):
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'pg'}"
+    procs = [ctx.Process(target=_signalled_rank, args=(r, 2, init, str(tmp_path / "run"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    got = dict(queue.get(timeout=5) for _ in range(2))
+    assert got == {0: 5, 1: 5}
+    _, meta = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["step"] == 5
