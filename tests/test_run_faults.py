@@ -350,8 +350,10 @@ def test_crafted_checkpoint_values_are_clear_errors(finished_run, tmp_path, caps
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     _recraft(run, **change)
+    config_before = (run / "config.json").read_bytes()
     with pytest.raises(CheckpointError, match=message):
         train(run, resume=True, steps=12)
+    assert (run / "config.json").read_bytes() == config_before  # a refused resume changes nothing
     if "step" in change:
         with pytest.raises(CheckpointError, match=message):
             load_run(run, load_data=False)

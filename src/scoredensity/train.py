@@ -471,6 +471,10 @@ def _resolve_run(run_dir, data, config, resume: bool, steps: int | None, device:
         cfg = TrainConfig.from_dict(train_dict)  # the device is the machine's, not the run's
         net_cfg = stored["net"]
     else:
+        if (run_dir / CHECKPOINT_NAME).exists():  # early, before loading the data (again under the lock)
+            raise CheckpointError(
+                f"{str(run_dir)!r} already holds a training run; pass --resume to continue it or choose another --out"
+            )
         _refuse_foreign(run_dir)  # before the lock file is made there (again under the lock)
         if data is None:
             raise ValueError("data is required for a new run")
@@ -560,8 +564,6 @@ def _prepare_folder(spec: _RunSpec, full_config: dict) -> bool:
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         write_json_atomic(run_dir / CONFIG_NAME, full_config)
         return False
-    if spec.stored != full_config:
-        write_json_atomic(run_dir / CONFIG_NAME, full_config)  # e.g. more --steps, another device
     if not ckpt.exists():
         print(f"note: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
         _truncate_metrics(run_dir / METRICS_NAME, 0)
@@ -988,6 +990,8 @@ def train(
             trainer.restore()
             if rank == 0:
                 _truncate_metrics(trainer.metrics_path, trainer.start)
+        if rank == 0 and spec.resume and spec.stored != full_config:
+            write_json_atomic(spec.run_dir / CONFIG_NAME, full_config)  # e.g. more --steps, another device
         D.barrier()
         mode = "off" if progress is False else "bar" if progress or sys.stderr.isatty() else "lines"
         return trainer.run(mode)
