@@ -177,6 +177,32 @@ def test_resume_never_rewrites_lines_it_did_not_write(tmp_path):
     assert m.read_text() == before
 
 
+def test_out_under_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--data", "ring8", "--steps", "2", "--out", str(tmp_path / "afile" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the run folder" in err and err.count("\n") == 1
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    import scoredensity.checkpoint as ck
+
+    run = tmp_path / "run"
+    train(run, DATA, net=TINY, config=_cfg())
+    good = (run / "checkpoint.safetensors").read_bytes()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--steps", "15", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device (the previous checkpoint is kept)" in err and err.count("\n") == 1
+    assert (run / "checkpoint.safetensors").read_bytes() == good
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
 # ---------------------------------------------------------------------------------------- 3. early deaths
 def test_a_bad_setting_leaves_no_folder_behind(tmp_path, capsys):
     run = tmp_path / "run"

@@ -78,7 +78,10 @@ class RunLock:
         self._lock: FileLock | None = None
 
     def __enter__(self) -> RunLock:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the run folder {str(self.run_dir)!r}: {e.strerror or e}") from None
         lock = FileLock(str(self.path), timeout=0)  # created honouring the umask
         try:
             lock.acquire()
@@ -87,6 +90,8 @@ class RunLock:
                 f"run folder {str(self.run_dir)!r} is in use by another training process (it holds {self.path}); "
                 "wait until it finishes, or choose another --out"
             ) from None
+        except OSError as e:  # after Timeout, which is an OSError too
+            raise CheckpointError(f"cannot lock the run folder {str(self.run_dir)!r}: {e.strerror or e}") from None
         self._lock = lock
         return self
 
