@@ -29,6 +29,7 @@ from scoredensity.checkpoint import (
 )
 from scoredensity.cli import main
 from scoredensity.data import DataError
+from scoredensity.epsfn import resolve_lam_range
 from scoredensity.runlock import LOCK_NAME, RunLock, RunLockedError
 from scoredensity.train import TrainConfig, TrainingInterrupted, train
 
@@ -81,16 +82,21 @@ def finished_run(tmp_path_factory):
 # ---------------------------------------------------------------------------------------- 1. the lock
 def test_a_second_trainer_is_refused_while_the_first_completes_unharmed(tmp_path, capsys):
     run = tmp_path / "run"
-    steps = 3000
-    a = _popen(*TINY_TRAIN_ARGS, "--n", "2000", "--steps", str(steps), "--checkpoint-every", "1000", "--out", str(run))
-    _wait_for(run / "config.json", a)
+    steps = 1000
+    a = _popen(*TINY_TRAIN_ARGS, "--n", "2000", "--steps", str(steps), "--checkpoint-every", "100", "--out", str(run))
+    _wait_for(run / "checkpoint.safetensors", a)
     with pytest.raises(RunLockedError, match="in use by another training process"):
         train(run, resume=True)
     assert main(["train", "--resume", "--out", str(run)]) == 75
     assert "in use by another training process" in capsys.readouterr().err
-    assert main(["train", "--data", "ring8", "--out", str(run), "--device", "cpu"]) == 75  # a new run there too
-    capsys.readouterr()
     assert a.poll() is None, "the first trainer finished before the second one was tried: the test proved nothing"
+    assert main(["train", "--data", "ring8", "--out", str(run), "--device", "cpu"]) == 2  # a new run there: no
+    assert "already holds a training run" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnfinishedRunWarning)
+        for _ in range(10):  # readers while it trains: always a whole checkpoint, its step and settings agreeing
+            _, config, _ = load_run(run, load_data=False)
+            assert config["step"] % 100 == 0 and config["train"]["steps"] == steps
     out, err = a.communicate(timeout=300)
     assert a.returncode == 0, err
     assert f"to step {steps}" in out
@@ -492,6 +498,7 @@ def test_load_run_carries_the_training_range_and_warns_on_unfinished_runs(finish
         warnings.simplefilter("error")  # a finished run loads without a warning
         model, config, _ = load_run(finished_run, load_data=False, device="cpu")
     assert model.lam_range == (-10.0, 9.0) and config["finished"] and config["step"] == 10
+    assert resolve_lam_range(model, None, None) == (-10.0, 9.0)  # what the estimators use by default
     run = tmp_path / "run"
     real_draw = T._Trainer.draw_batch
 
