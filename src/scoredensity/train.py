@@ -722,10 +722,11 @@ class _Trainer:
         """The eps function of the loss: the network on the device, at the run's precision; in and out on the host."""
         model, dev, prec = self.model, self.device, self.cfg.precision
         y_dev = None if y is None else y.to(dev)
+        t_dtype = torch.float32 if dev.type == "mps" else None  # MPS has no float64
 
         def fn(x_t: Tensor, t: Tensor) -> Tensor:
             with autocast_context(prec, dev):
-                out = model(x_t.to(dev), t.to(dev), y_dev)
+                out = model(x_t.to(dev), t.to(dev, t_dtype or t.dtype), y_dev)
             return out.float().to(x_t.device)
 
         return fn
