@@ -165,6 +165,16 @@ def test_a_folder_that_is_not_a_run_is_refused_and_left_untouched(tmp_path):
     assert (out / "metrics.jsonl").read_text() == "my own notes, not JSON\n"
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json"])
+def test_a_folder_with_a_file_of_a_run_name_is_not_a_run(tmp_path, name):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text('{"step": 1, "mine": true}\n')
+    with pytest.raises(CheckpointError, match=f"neither empty nor a scoredensity run folder.*{name}"):
+        train(out, DATA, net=TINY, config=_cfg())
+    assert (out / name).read_text() == '{"step": 1, "mine": true}\n'
+
+
 def test_out_naming_a_file_is_a_clear_error(tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")

@@ -41,12 +41,13 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
 
 
-def foreign_entries(run_dir: str | os.PathLike) -> list[str]:
-    """Names in ``run_dir`` that no training run writes (empty when the folder does not exist)."""
+def foreign_entries(run_dir: str | os.PathLike, allowed: frozenset[str] | set[str] = RUN_FILES) -> list[str]:
+    """Names in ``run_dir`` other than ``allowed`` and temporary files of atomic writes (empty when the folder
+    does not exist)."""
     p = Path(run_dir)
     if not p.is_dir():
         return []
-    return sorted(e.name for e in p.iterdir() if e.name not in RUN_FILES and not is_temporary(e.name))
+    return sorted(e.name for e in p.iterdir() if e.name not in allowed and not is_temporary(e.name))
 
 
 def remove_orphans(run_dir: str | os.PathLike) -> list[str]:

@@ -73,7 +73,7 @@ from .epsfn import PRECISIONS, autocast_context
 from .losses import LAM_SAMPLINGS, WEIGHTINGS, LamSampler, dsm_loss, keyed_uniforms
 from .nets import build_denoiser, denoiser_config, eval_eps_fn
 from .rng import Stream
-from .runlock import METRICS_NAME, RunLock, foreign_entries, remove_orphans
+from .runlock import LOCK_NAME, METRICS_NAME, RUN_FILES, RunLock, foreign_entries, remove_orphans
 
 __all__ = [
     "TrainConfig",
@@ -530,8 +530,16 @@ def _network_config(net: dict | None, cfg: TrainConfig, dataset) -> dict[str, An
 
 
 def _refuse_foreign(run_dir: Path) -> None:
-    """Refuse, for a new run, a folder holding files that no run writes (the user's own)."""
-    foreign = foreign_entries(run_dir)
+    """Refuse, for a new run, a folder holding files that are not a run's: anything but the lock file, unless the
+    folder holds a ``config.json`` of ours (then also the other files a run writes)."""
+    ours = False
+    if (run_dir / CONFIG_NAME).is_file():
+        try:
+            read_config(run_dir)
+            ours = True
+        except CheckpointError:
+            pass
+    foreign = foreign_entries(run_dir, RUN_FILES if ours else {LOCK_NAME})
     if foreign:
         more = "" if len(foreign) <= 5 else f" and {len(foreign) - 5} more"
         raise CheckpointError(
