@@ -31,7 +31,7 @@ from scoredensity.cli import main
 from scoredensity.data import DataError
 from scoredensity.epsfn import resolve_lam_range
 from scoredensity.runlock import LOCK_NAME, RunLock, RunLockedError
-from scoredensity.train import TrainConfig, TrainingInterrupted, train
+from scoredensity.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
 T = importlib.import_module("scoredensity.train")  # the module (the package exports a function of that name)
 
@@ -492,6 +492,13 @@ def test_reduced_precision_training_runs_and_resumes(tmp_path, precision):
     assert meta["train"]["precision"] == precision
     assert ("grad_scaler" in meta) == (precision == "fp16")
     assert train(run, resume=True, steps=12).step == 12
+
+
+def test_fp16_skips_overflowing_steps_then_reports_divergence(tmp_path):
+    cfg = _cfg(steps=300, precision="fp16", lr=1e3, grad_clip=0.0, warmup=0, checkpoint_every=1000)
+    with pytest.raises(TrainingDiverged, match=f"{T.FP16_SKIP_LIMIT} consecutive fp16 steps with non-finite") as e:
+        train(tmp_path / "run", DATA, net=TINY, config=cfg)
+    assert e.value.step < 300 and e.value.checkpoint_step is None  # stopped early; no checkpoint was due yet
 
 
 def test_cli_device_and_precision_reach_the_run(tmp_path, capsys):
