@@ -94,12 +94,14 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path):
     """A run SIGKILLs itself right after the checkpoint of step 40; resumed, it ends exactly like an
     uninterrupted run (weights, EMA, optimiser state, sampler state)."""
     common = [*TINY_TRAIN_ARGS, "--n", "2000", "--steps", "70", "--checkpoint-every", "20", "--log-every", "10"]
+    common += ["--device", "cpu"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     r = run_module("scoredensity", "train", *common, "--out", a, env={KILL_ENV: "40"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     tensors_40, meta = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")
     assert meta["step"] == 40
-    r = run_module("scoredensity", "train", "--resume", "--out", a, "--no-progress", "--threads", "1")
+    resume = ["--resume", "--out", a, "--no-progress", "--threads", "1", "--device", "cpu"]
+    r = run_module("scoredensity", "train", *resume)
     assert r.returncode == 0, r.stderr
     r = run_module("scoredensity", "train", *common, "--out", b)
     assert r.returncode == 0, r.stderr
@@ -132,7 +134,8 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys):
     assert err.count("\n") == 1 and "error" in err
     # a good run, then corrupt / truncated checkpoints and a foreign configuration
     run = tmp_path / "run"
-    train(run, {"name": "ring8", "n": 400}, net=TINY, config=TrainConfig(steps=5, batch_size=32, eval_n=0))
+    cfg = TrainConfig(steps=5, batch_size=32, eval_n=0, device="cpu")
+    train(run, {"name": "ring8", "n": 400}, net=TINY, config=cfg)
     model, config, ds = load_run(run)
     assert config["step"] == 5 and ds.name == "ring8"
     assert model(torch.zeros(2, 2), torch.full((2,), 0.5, dtype=torch.float64)).shape == (2, 2)

@@ -29,8 +29,9 @@ from scoredensity.checkpoint import (
 )
 from scoredensity.cli import main
 from scoredensity.data import DataError
+from scoredensity.epsfn import resolve_lam_range
 from scoredensity.runlock import LOCK_NAME, RunLock, RunLockedError
-from scoredensity.train import TrainConfig, TrainingInterrupted, train
+from scoredensity.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
 T = importlib.import_module("scoredensity.train")  # the module (the package exports a function of that name)
 
@@ -81,16 +82,21 @@ def finished_run(tmp_path_factory):
 # ---------------------------------------------------------------------------------------- 1. the lock
 def test_a_second_trainer_is_refused_while_the_first_completes_unharmed(tmp_path, capsys):
     run = tmp_path / "run"
-    steps = 3000
-    a = _popen(*TINY_TRAIN_ARGS, "--n", "2000", "--steps", str(steps), "--checkpoint-every", "1000", "--out", str(run))
-    _wait_for(run / "config.json", a)
+    steps = 1000
+    a = _popen(*TINY_TRAIN_ARGS, "--n", "2000", "--steps", str(steps), "--checkpoint-every", "100", "--out", str(run))
+    _wait_for(run / "checkpoint.safetensors", a)
     with pytest.raises(RunLockedError, match="in use by another training process"):
         train(run, resume=True)
     assert main(["train", "--resume", "--out", str(run)]) == 75
     assert "in use by another training process" in capsys.readouterr().err
-    assert main(["train", "--data", "ring8", "--out", str(run), "--device", "cpu"]) == 75  # a new run there too
-    capsys.readouterr()
     assert a.poll() is None, "the first trainer finished before the second one was tried: the test proved nothing"
+    assert main(["train", "--data", "ring8", "--out", str(run), "--device", "cpu"]) == 2  # a new run there: no
+    assert "already holds a training run" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnfinishedRunWarning)
+        for _ in range(10):  # readers while it trains: always a whole checkpoint, its step and settings agreeing
+            _, config, _ = load_run(run, load_data=False)
+            assert config["step"] % 100 == 0 and config["train"]["steps"] == steps
     out, err = a.communicate(timeout=300)
     assert a.returncode == 0, err
     assert f"to step {steps}" in out
@@ -159,6 +165,16 @@ def test_a_folder_that_is_not_a_run_is_refused_and_left_untouched(tmp_path):
     assert (out / "metrics.jsonl").read_text() == "my own notes, not JSON\n"
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json"])
+def test_a_folder_with_a_file_of_a_run_name_is_not_a_run(tmp_path, name):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text('{"step": 1, "mine": true}\n')
+    with pytest.raises(CheckpointError, match=f"neither empty nor a scoredensity run folder.*{name}"):
+        train(out, DATA, net=TINY, config=_cfg())
+    assert (out / name).read_text() == '{"step": 1, "mine": true}\n'
+
+
 def test_out_naming_a_file_is_a_clear_error(tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
@@ -175,6 +191,32 @@ def test_resume_never_rewrites_lines_it_did_not_write(tmp_path):
     before = m.read_text()
     T._truncate_metrics(m, 20)  # nothing more to drop: the file is not rewritten
     assert m.read_text() == before
+
+
+def test_out_under_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--data", "ring8", "--steps", "2", "--out", str(tmp_path / "afile" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the run folder" in err and err.count("\n") == 1
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    import scoredensity.checkpoint as ck
+
+    run = tmp_path / "run"
+    train(run, DATA, net=TINY, config=_cfg())
+    good = (run / "checkpoint.safetensors").read_bytes()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--steps", "15", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device (the previous checkpoint is kept)" in err and err.count("\n") == 1
+    assert (run / "checkpoint.safetensors").read_bytes() == good
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
 # ---------------------------------------------------------------------------------------- 3. early deaths
@@ -229,7 +271,8 @@ def test_divergence_exits_nonzero_and_keeps_the_last_good_checkpoint(tmp_path, c
     bad = ["--data", "ring8", "--steps", "60", "--lr", "1e3", "--grad-clip", "0", "--warmup", "0", "--eval-n", "0"]
     assert main(["train", *bad, "--out", str(tmp_path / "a"), "--threads", "1", "--device", "cpu"]) == 3
     err = capsys.readouterr().err
-    assert "training diverged at step" in err and err.count("\n") == 1
+    errors = [s for s in err.splitlines() if not s.startswith("train: ")]  # not the progress lines of a log
+    assert len(errors) == 1 and "training diverged at step" in errors[0]
     # with a checkpoint every step, the one kept is the step before the divergence, with finite weights
     assert main(["train", *bad, "--out", str(tmp_path / "b"), "--threads", "1", "--checkpoint-every", "1"]) == 3
     err = capsys.readouterr().err
@@ -350,8 +393,10 @@ def test_crafted_checkpoint_values_are_clear_errors(finished_run, tmp_path, caps
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     _recraft(run, **change)
+    config_before = (run / "config.json").read_bytes()
     with pytest.raises(CheckpointError, match=message):
         train(run, resume=True, steps=12)
+    assert (run / "config.json").read_bytes() == config_before  # a refused resume changes nothing
     if "step" in change:
         with pytest.raises(CheckpointError, match=message):
             load_run(run, load_data=False)
@@ -449,6 +494,13 @@ def test_reduced_precision_training_runs_and_resumes(tmp_path, precision):
     assert train(run, resume=True, steps=12).step == 12
 
 
+def test_fp16_skips_overflowing_steps_then_reports_divergence(tmp_path):
+    cfg = _cfg(steps=300, precision="fp16", lr=1e3, grad_clip=0.0, warmup=0, checkpoint_every=1000)
+    with pytest.raises(TrainingDiverged, match=f"{T.FP16_SKIP_LIMIT} consecutive fp16 steps with non-finite") as e:
+        train(tmp_path / "run", DATA, net=TINY, config=cfg)
+    assert e.value.step < 300 and e.value.checkpoint_step is None  # stopped early; no checkpoint was due yet
+
+
 def test_cli_device_and_precision_reach_the_run(tmp_path, capsys):
     run = tmp_path / "run"
     args = [*TINY_TRAIN_ARGS, "--n", "400", "--steps", "3", "--device", "cpu", "--precision", "bf16"]
@@ -464,6 +516,7 @@ def test_load_run_carries_the_training_range_and_warns_on_unfinished_runs(finish
         warnings.simplefilter("error")  # a finished run loads without a warning
         model, config, _ = load_run(finished_run, load_data=False, device="cpu")
     assert model.lam_range == (-10.0, 9.0) and config["finished"] and config["step"] == 10
+    assert resolve_lam_range(model, None, None) == (-10.0, 9.0)  # what the estimators use by default
     run = tmp_path / "run"
     real_draw = T._Trainer.draw_batch
 
@@ -500,3 +553,40 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypa
     assert re.fullmatch(r"train: step 6/6 \(100%\), loss [-\d.e+]+, [\d.]+ steps/s, ETA 00:00:00", lines[-1])
     train(tmp_path / "quiet", DATA, net=TINY, config=_cfg(steps=6), progress=False)
     assert "train: step" not in capsys.readouterr().err
+
+
+def _signalled_rank(rank: int, world: int, init: str, run: str, queue) -> None:
+    """One of two gloo processes training the same run; only rank 1 receives SIGTERM, at step 5."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    real_draw = T._Trainer.draw_batch
+
+    def draw(self, step):
+        if step == 5 and rank == 1:
+            self.signal = signal.SIGTERM
+        return real_draw(self, step)
+
+    T._Trainer.draw_batch = draw
+    try:
+        train(run, DATA, net=TINY, config=_cfg(steps=20, checkpoint_every=100), progress=False)
+        queue.put((rank, "finished"))
+    except TrainingInterrupted as e:
+        queue.put((rank, e.step))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_signal_to_one_process_stops_all_processes_at_the_same_step(tmp_path):
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'pg'}"
+    procs = [ctx.Process(target=_signalled_rank, args=(r, 2, init, str(tmp_path / "run"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    got = dict(queue.get(timeout=5) for _ in range(2))
+    assert got == {0: 5, 1: 5}
+    _, meta = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["step"] == 5

@@ -13,7 +13,9 @@ def test_ring8_bound_within_0p2_nats_of_exact(tmp_path, capsys):
     torch.set_num_threads(1)
     # measured (benchmarks/training.py, docs/benchmarks.md): 2000-2500 steps of batch 512 give gaps of
     # -0.01..0.04 nats over seeds; 0.2 leaves a wide margin. About 30-40 s on one core.
-    cfg = TrainConfig(steps=2000, batch_size=512, lr=4e-3, seed=0, eval_n=0, checkpoint_every=10**9, log_every=500)
+    cfg = TrainConfig(
+        steps=2000, batch_size=512, lr=4e-3, seed=0, eval_n=0, checkpoint_every=10**9, log_every=500, device="cpu"
+    )
     res = train(
         tmp_path / "run", {"name": "ring8", "n": 20000}, net={"hidden": 128, "blocks": 2, "emb_dim": 64}, config=cfg
     )
@@ -43,7 +45,7 @@ def test_learning_rate_schedule():
 
 def test_digits_train_and_evaluate_bits_per_dim(tmp_path, capsys):
     """Discrete data: keyed dequantisation, logit transform and bits/dim on the published scale."""
-    cfg = TrainConfig(steps=3, batch_size=16, eval_n=0)
+    cfg = TrainConfig(steps=3, batch_size=16, eval_n=0, device="cpu")
     train(
         tmp_path / "d",
         {"name": "digits", "n": 200, "logit": True},
@@ -59,7 +61,7 @@ def test_digits_train_and_evaluate_bits_per_dim(tmp_path, capsys):
 def test_trained_unet_keeps_diffusers_convention_and_exports(tmp_path):
     from scoredensity.diffusers_io import save_diffusers
 
-    cfg = TrainConfig(steps=2, batch_size=16, eval_n=0)
+    cfg = TrainConfig(steps=2, batch_size=16, eval_n=0, device="cpu")
     res = train(tmp_path / "u", {"name": "digits", "n": 200}, net={"type": "unet", "channels": [16, 32]}, config=cfg)
     assert res.ema.config["type"] == "unet" and res.ema.config["data_std"] == 1.0
     assert (save_diffusers(res.ema, tmp_path / "exported") / "model_index.json").is_file()

@@ -90,7 +90,10 @@ def _fsync_dir(path: Path) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace`` (atomic)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         _honour_umask(tmp)
         with os.fdopen(fd, "w") as f:
@@ -99,6 +102,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e} (the previous file is kept)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -155,12 +161,16 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], meta: d
         meta: JSON-serialisable document stored in the file's metadata (a ``sha256`` entry is added).
 
     Raises:
-        CheckpointError: the freshly written file does not read back identically (the old file is kept).
+        CheckpointError: the file cannot be written (full disk, no permission) or the freshly written file does
+            not read back identically; in both cases the old file is kept.
     """
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     doc = dict(meta, format=FORMAT, sha256=tensor_digest(tensors))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"scoredensity": json.dumps(doc)})
@@ -169,6 +179,10 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], meta: d
             os.fsync(f.fileno())
         load_checkpoint(tmp)  # verify before replacing anything
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or e
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason} (the previous checkpoint is kept)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

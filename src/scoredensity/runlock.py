@@ -41,12 +41,13 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
 
 
-def foreign_entries(run_dir: str | os.PathLike) -> list[str]:
-    """Names in ``run_dir`` that no training run writes (empty when the folder does not exist)."""
+def foreign_entries(run_dir: str | os.PathLike, allowed: frozenset[str] | set[str] = RUN_FILES) -> list[str]:
+    """Names in ``run_dir`` other than ``allowed`` and temporary files of atomic writes (empty when the folder
+    does not exist)."""
     p = Path(run_dir)
     if not p.is_dir():
         return []
-    return sorted(e.name for e in p.iterdir() if e.name not in RUN_FILES and not is_temporary(e.name))
+    return sorted(e.name for e in p.iterdir() if e.name not in allowed and not is_temporary(e.name))
 
 
 def remove_orphans(run_dir: str | os.PathLike) -> list[str]:
@@ -78,7 +79,10 @@ class RunLock:
         self._lock: FileLock | None = None
 
     def __enter__(self) -> RunLock:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the run folder {str(self.run_dir)!r}: {e.strerror or e}") from None
         lock = FileLock(str(self.path), timeout=0)  # created honouring the umask
         try:
             lock.acquire()
@@ -87,6 +91,8 @@ class RunLock:
                 f"run folder {str(self.run_dir)!r} is in use by another training process (it holds {self.path}); "
                 "wait until it finishes, or choose another --out"
             ) from None
+        except OSError as e:  # after Timeout, which is an OSError too
+            raise CheckpointError(f"cannot lock the run folder {str(self.run_dir)!r}: {e.strerror or e}") from None
         self._lock = lock
         return self
 

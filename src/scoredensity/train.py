@@ -73,7 +73,7 @@ from .epsfn import PRECISIONS, autocast_context
 from .losses import LAM_SAMPLINGS, WEIGHTINGS, LamSampler, dsm_loss, keyed_uniforms
 from .nets import build_denoiser, denoiser_config, eval_eps_fn
 from .rng import Stream
-from .runlock import METRICS_NAME, RunLock, foreign_entries, remove_orphans
+from .runlock import LOCK_NAME, METRICS_NAME, RUN_FILES, RunLock, foreign_entries, remove_orphans
 
 __all__ = [
     "TrainConfig",
@@ -471,6 +471,10 @@ def _resolve_run(run_dir, data, config, resume: bool, steps: int | None, device:
         cfg = TrainConfig.from_dict(train_dict)  # the device is the machine's, not the run's
         net_cfg = stored["net"]
     else:
+        if (run_dir / CHECKPOINT_NAME).exists():  # early, before loading the data (again under the lock)
+            raise CheckpointError(
+                f"{str(run_dir)!r} already holds a training run; pass --resume to continue it or choose another --out"
+            )
         _refuse_foreign(run_dir)  # before the lock file is made there (again under the lock)
         if data is None:
             raise ValueError("data is required for a new run")
@@ -526,8 +530,16 @@ def _network_config(net: dict | None, cfg: TrainConfig, dataset) -> dict[str, An
 
 
 def _refuse_foreign(run_dir: Path) -> None:
-    """Refuse, for a new run, a folder holding files that no run writes (the user's own)."""
-    foreign = foreign_entries(run_dir)
+    """Refuse, for a new run, a folder holding files that are not a run's: anything but the lock file, unless the
+    folder holds a ``config.json`` of ours (then also the other files a run writes)."""
+    ours = False
+    if (run_dir / CONFIG_NAME).is_file():
+        try:
+            read_config(run_dir)
+            ours = True
+        except CheckpointError:
+            pass
+    foreign = foreign_entries(run_dir, RUN_FILES if ours else {LOCK_NAME})
     if foreign:
         more = "" if len(foreign) <= 5 else f" and {len(foreign) - 5} more"
         raise CheckpointError(
@@ -560,13 +572,18 @@ def _prepare_folder(spec: _RunSpec, full_config: dict) -> bool:
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         write_json_atomic(run_dir / CONFIG_NAME, full_config)
         return False
-    if spec.stored != full_config:
-        write_json_atomic(run_dir / CONFIG_NAME, full_config)  # e.g. more --steps, another device
     if not ckpt.exists():
         print(f"note: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
         _truncate_metrics(run_dir / METRICS_NAME, 0)
         return False
     return True
+
+
+def _hms(seconds: float) -> str:
+    """``H:MM:SS`` (hours unbounded)."""
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h:02d}:{m:02d}:{sec:02d}"
 
 
 class _Progress:
@@ -578,6 +595,8 @@ class _Progress:
         self.t0 = self.last = time.perf_counter()
         self.loss: float | None = None
         self.bar = tqdm(desc="train", initial=start, total=total) if mode == "bar" else None
+        if mode == "lines":
+            print(f"train: starting at step {start} of {total}", file=sys.stderr, flush=True)
 
     def update(self, step: int, loss: float) -> None:
         self.loss = loss
@@ -592,7 +611,7 @@ class _Progress:
     def line(self, step: int, now: float) -> str:
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
-        eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+        eta_s = "?" if not math.isfinite(eta) else _hms(eta)
         loss = "" if self.loss is None else f", loss {self.loss:.4g}"
         return (
             f"train: step {step}/{self.total} ({100 * step / self.total:.0f}%){loss}, {rate:.1f} steps/s, ETA {eta_s}"
@@ -652,7 +671,8 @@ class _Trainer:
         self.pos = D.shard(cfg.batch_size)
         self.start = 0
         self.saved_step: int | None = None
-        self.signal: int | None = None
+        self.signal: int | None = None  # set by the handler, in this process
+        self.stop: int | None = None  # the signal all processes agreed to stop on (after the step's all-reduce)
         self.skipped = 0
         self.history: list[dict] = []
         self.final_eval: dict | None = None
@@ -710,10 +730,11 @@ class _Trainer:
         """The eps function of the loss: the network on the device, at the run's precision; in and out on the host."""
         model, dev, prec = self.model, self.device, self.cfg.precision
         y_dev = None if y is None else y.to(dev)
+        t_dtype = torch.float32 if dev.type == "mps" else None  # MPS has no float64
 
         def fn(x_t: Tensor, t: Tensor) -> Tensor:
             with autocast_context(prec, dev):
-                out = model(x_t.to(dev), t.to(dev), y_dev)
+                out = model(x_t.to(dev), t.to(dev, t_dtype or t.dtype), y_dev)
             return out.float().to(x_t.device)
 
         return fn
@@ -779,8 +800,8 @@ class _Trainer:
                 pe.lerp_(pm, 1 - decay)
         if finite:
             self.sampler.update(stats)
-        if scal[2] > 0 and self.signal is None:
-            self.signal = signal.SIGTERM  # another process was signalled: stop together
+        if scal[2] > 0:  # some process was signalled: all stop after this step, together
+            self.stop = self.signal if self.signal is not None else signal.SIGTERM
         return {"loss": float(scal[0]), "nll": float(scal[1]), "lr": lr, "grad_norm": gnorm}
 
     def _diverged(self, step: int, what: str) -> TrainingDiverged:
@@ -848,7 +869,7 @@ class _Trainer:
 
     def checkpoint_if_due(self, step: int, kill_at: int | None) -> None:
         """Save every ``checkpoint_every`` steps, at the last step and when a stop signal arrived."""
-        if not (step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps or self.signal is not None):
+        if not (step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps or self.stop is not None):
             return
         if self.rank == 0:
             _save(self.ckpt_path, self.model, self.ema, self.opt, self.sampler, self.scaler, step, self.full_config)
@@ -859,13 +880,13 @@ class _Trainer:
 
     def stop_if_signalled(self, step: int) -> None:
         """After the checkpoint of a signalled step: raise :class:`TrainingInterrupted`."""
-        if self.signal is None:
+        if self.stop is None:
             return
-        name = signal.Signals(self.signal).name
+        name = signal.Signals(self.stop).name
         raise TrainingInterrupted(
             f"stopped by {name} at step {step} of {self.cfg.steps}; checkpoint saved to {self.ckpt_path}; "
             f"continue with: scoredensity train --resume --out {self.run_dir}",
-            self.signal,
+            self.stop,
             step,
         )
 
@@ -978,6 +999,8 @@ def train(
             trainer.restore()
             if rank == 0:
                 _truncate_metrics(trainer.metrics_path, trainer.start)
+        if rank == 0 and spec.resume and spec.stored != full_config:
+            write_json_atomic(spec.run_dir / CONFIG_NAME, full_config)  # e.g. more --steps, another device
         D.barrier()
         mode = "off" if progress is False else "bar" if progress or sys.stderr.isatty() else "lines"
         return trainer.run(mode)

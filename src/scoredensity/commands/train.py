@@ -164,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as e:
         print(f"scoredensity train: {e}", file=sys.stderr)
         return EXIT_SIGTERM if e.signum == signal.SIGTERM else EXIT_SIGINT
+    except OSError as e:  # e.g. metrics.jsonl on a full disk or in a read-only folder
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"scoredensity train: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     finally:
         if distributed:
             import torch.distributed as dist
