@@ -25,6 +25,7 @@ from ._common import (
     add_threads_argument,
     apply_threads,
     estimator_options,
+    prepare_out_dir,
     resolve_device,
     supported_kwargs,
 )
@@ -311,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     device = resolve_device(args.device)
     opts = estimator_options(args)
+    if args.out:
+        prepare_out_dir(args.out)
     src = model_source(args, device)
     threads = apply_threads(args, src.kind)
     x = src.test_points(args.n, args.seed)

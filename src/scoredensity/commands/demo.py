@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_device_arguments, add_threads_argument, apply_threads, resolve_device
+from ._common import add_device_arguments, add_threads_argument, apply_threads, prepare_out_dir, resolve_device
 
 NAME = "demo"
 HELP = "Density formula with the exact score, then train a model for about a minute, on the embedded 2-D mixture."
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.seconds > 0:
         raise ValueError(f"--seconds must be > 0, got {args.seconds}")
     device = resolve_device(args.device)
+    prepare_out_dir(args.out)
     threads = apply_threads(args, "small")
     mode = args.progress if args.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
     log = ProgressLog("demo", enabled=mode == "log")
