@@ -127,8 +127,8 @@ def test_demo_prints_progress_lines_when_stderr_is_not_a_terminal(tmp_path, caps
     rc = main(["demo", "--no-train", "--n-grid", "8", "--n-samples", "50", "--out", str(tmp_path), "--device", "cpu"])
     assert rc == 0
     err = capsys.readouterr().err  # captured: not a terminal
-    lines = [ln for ln in err.splitlines() if ln.startswith("[demo")]
-    assert len(lines) >= 4 and "1 thread(s)" in lines[0] and lines[-1].split("]")[1].strip().startswith("done in")
+    lines = [ln for ln in err.splitlines() if ln.startswith("demo: ")]
+    assert len(lines) >= 4 and "1 thread(s)" in lines[0] and lines[-1].startswith("demo: done in")
     assert "\r" not in err  # no progress bars in a log
 
 

@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     log(f"start: device {device}, {threads} thread(s), output {args.out}")
     t0 = time.perf_counter()
     out = Path(args.out)
-    formula = formula_demo(out, n_grid=args.n_grid, n_samples=args.n_samples, seed=args.seed, device=device, log=log)
+    formula = formula_demo(
+        out, n_grid=args.n_grid, n_samples=args.n_samples, seed=args.seed, device=device, log=log, bars=mode == "bar"
+    )
     print(f"1. Density formula with the exact eps of the '{formula['mixture']}' mixture vs its exact log-density")
     cols = [
         ("points", "points", "s"),
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             n_grid=args.n_grid,
             steps=args.steps,
-            progress=None if mode == "bar" else False,
+            progress={"bar": True, "log": None, "none": False}[mode],
             device=device,
             log=log,
         )
