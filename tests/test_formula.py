@@ -79,7 +79,7 @@ def test_t_integration_alone_is_exact_for_gaussians(lam_range):
 
 
 def test_standard_normal_integrand_is_one_minus_x_squared():
-    """DESIGN.md §2 check: for N(0,1) data the formula gives -1/2 log(2 pi) - x^2/2."""
+    """docs/design.md §2 check: for N(0,1) data the formula gives -1/2 log(2 pi) - x^2/2."""
     g = GaussianMixture.gaussian(torch.zeros(1), torch.eye(1))
     x = torch.linspace(-3, 3, 7, dtype=torch.float64)[:, None]
     r = integrate_expected_error(g.expected_denoising_error, x)
@@ -138,7 +138,7 @@ def test_reproducible_and_independent_of_chunking_and_shape():
     x = gm.sample(37, generator=_gen(7)).float()
     prop = LambdaProposal.uniform(-20.0, 20.0)
     a = log_density(gm.eps, x, importance=prop, control_variate=None, seed=3)
-    b = log_density(gm.eps, x, importance=prop, control_variate=None, seed=3, chunk_size=17)
+    b = log_density(gm.eps, x, importance=prop, control_variate=None, seed=3, max_batch=17)
     assert torch.equal(a.logp, b.logp) and torch.equal(a.stderr, b.stderr)
     c = log_density(gm.eps, x, importance=prop, control_variate=None, seed=4)
     assert not torch.equal(a.logp, c.logp)

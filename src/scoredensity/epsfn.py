@@ -24,6 +24,8 @@ __all__ = [
     "resolve_lam_range",
     "check_int",
     "check_precision",
+    "work_device",
+    "row_blocks",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -34,7 +36,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of float64 working rows per network cal
 
 class EpsFn(Protocol):
     """``eps_fn(x_t [B, *shape], t [B] float64) -> eps [B, *shape]``, predicting ``E[z | x_t]``
-    for ``x_t = sqrt(1-t) x + sqrt(t) z`` (DESIGN.md §1). Score = ``-eps / sqrt(t)``."""
+    for ``x_t = sqrt(1-t) x + sqrt(t) z`` (docs/design.md §1). Score = ``-eps / sqrt(t)``."""
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor: ...
 
@@ -150,6 +152,16 @@ def resolve_lam_range(eps_fn: EpsFn, lam_min: float | None, lam_max: float | Non
     if not hi > lo:
         raise ValueError(f"need lam_max > lam_min, got [{lo}, {hi}]")
     return lo, hi
+
+
+def work_device(x: Tensor) -> torch.device:
+    """Where an estimator's float64 work on ``x`` runs: ``x``'s device, except MPS (no float64) -> the CPU."""
+    return torch.device("cpu") if x.device.type == "mps" else x.device
+
+
+def row_blocks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``range(n)``: how estimators bound their memory."""
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 def check_data(x: Tensor, name: str = "x") -> Tensor:

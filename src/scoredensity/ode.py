@@ -152,6 +152,7 @@ def ode_log_likelihood(
     if trace == "hutchinson" and probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
     n_probes = check_int("n_probes", n_probes)
+    seed = check_int("seed", seed, minimum=-(1 << 63))
     max_num_steps = check_int("max_num_steps", max_num_steps)
     steps = check_int("steps", steps, allow_none=True)
     if not (rtol > 0 and atol > 0):
@@ -252,7 +253,8 @@ def _solve_block(
         t = torch.sigmoid(-lam_b)
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
-            eps = call_eps(eps_fn, y_.to(x.dtype), t, *extra, precision=precision)
+            # the network gets a copy (a non-leaf): writing into it cannot corrupt the state
+            eps = call_eps(eps_fn, y_.to(x.dtype, copy=True), t.clone(), *extra, precision=precision)
             div_eps = divergence(eps, y_, probes).detach()  # [n_acc, B]; the graph is freed here
         calls[0] += 1
         dy = reverse_drift(y, eps.detach(), lam_b, eta=0.0)
