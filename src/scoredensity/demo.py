@@ -197,6 +197,7 @@ def training_demo(
     progress: bool | None = None,
     device: str | torch.device = "cpu",
     log: ProgressLog | None = None,
+    deadline: float | None = None,
 ) -> dict:
     """Train a denoiser on the embedded mixture for about ``seconds`` of CPU time, then hold it against the truth.
 
@@ -206,8 +207,11 @@ def training_demo(
     same test points; the learned density on a grid is drawn next to the exact one; samples (DDIM, 100 steps) are
     drawn next to true samples.
 
-    ``device``: where the model trains (when the trainer takes a device) and is evaluated. ``log``: progress lines
-    for logs (:class:`ProgressLog`; a status line every 10 s during training); ``progress``: the trainer's own bar.
+    ``deadline`` (a ``time.perf_counter()`` value): when the whole demo should be done; on a busy machine the
+    training then gets fewer steps (at least 100), so that evaluation, grid and samples still fit (estimated from
+    the pilot's speed). ``device``: where the model trains (when the trainer takes a device) and is evaluated.
+    ``log``: progress lines for logs (:class:`ProgressLog`; a status line every 10 s during training).
+    ``progress``: the trainer's own display (True: bar; None: its default; False: none).
 
     Writes ``trained_density.png``, ``samples.png`` and ``training_demo.json`` into ``out_dir``; returns the
     summary (steps, seconds, the evaluation dict of :func:`scoredensity.train.evaluate_model`, grid errors).
@@ -244,8 +248,13 @@ def training_demo(
         pilot_cfg = TrainConfig(steps=50, batch_size=512, eval_final=False, **dev_kw)
         rate = train(pilot_dir, data, net=net, config=pilot_cfg, progress=False).steps_per_second
         shutil.rmtree(pilot_dir, ignore_errors=True)
-        steps = int(min(20000, max(300, 0.9 * seconds * rate)))
-        log(f"pilot: {rate:.0f} steps/s; training {steps} steps (about {steps / rate:.0f} s)")
+        train_s = 0.9 * seconds
+        if deadline is not None:  # leave time for what follows training (evaluation, grid, samples, plots)
+            rest_rows = 1.1 * n_eval * 32 + n_grid * n_grid * 128 + n_samples * 100  # network rows after training
+            rest_s = rest_rows / (rate * 512 * 3) + 3.0  # a training step costs about 3 forward passes of 512 rows
+            train_s = min(train_s, deadline - time.perf_counter() - rest_s)
+        steps = int(min(20000, max(100, train_s * rate)))
+        log(f"pilot: {rate:.1f} steps/s; training {steps} steps (about {steps / rate:.0f} s)")
     cfg = TrainConfig(
         steps=steps,
         batch_size=512,

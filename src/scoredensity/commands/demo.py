@@ -16,6 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seconds", type=float, default=60.0, help="training budget in seconds (default 60)")
     p.add_argument("--steps", type=int, default=None, help="fixed training steps instead of --seconds")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=110.0,
+        help="wall-clock budget of the whole demo (default 110): on a busy machine training gets fewer steps so "
+        "that the demo still ends in time (0: no limit)",
+    )
     p.add_argument("--no-train", action="store_true", help="only the exact-score part")
     p.add_argument("--n-grid", type=int, default=60, help="grid points per axis for the density images")
     p.add_argument("--n-samples", type=int, default=1000, help="test samples from the mixture")
@@ -37,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..demo import ProgressLog, format_table, formula_demo, training_demo, write_report
 
+    t0 = time.perf_counter()
+
     for name in ("n_grid", "n_samples"):
         if getattr(args, name) < 2:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(args, name)}")
@@ -44,13 +53,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if not args.seconds > 0:
         raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+    if not args.max_seconds >= 0:
+        raise ValueError(f"--max-seconds must be >= 0, got {args.max_seconds}")
     device = resolve_device(args.device)
     prepare_out_dir(args.out)
     threads = apply_threads(args, "small")
     mode = args.progress if args.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
     log = ProgressLog("demo", enabled=mode == "log")
     log(f"start: device {device}, {threads} thread(s), output {args.out}")
-    t0 = time.perf_counter()
     out = Path(args.out)
     formula = formula_demo(
         out, n_grid=args.n_grid, n_samples=args.n_samples, seed=args.seed, device=device, log=log, bars=mode == "bar"
@@ -81,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             progress={"bar": True, "log": None, "none": False}[mode],
             device=device,
             log=log,
+            deadline=t0 + args.max_seconds if args.max_seconds else None,
         )
         ev = training["eval"]
         print(
