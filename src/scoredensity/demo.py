@@ -251,7 +251,7 @@ def training_demo(
         train_s = 0.9 * seconds
         if deadline is not None:  # leave time for what follows training (evaluation, grid, samples, plots)
             rest_rows = 1.1 * n_eval * 32 + n_grid * n_grid * 128 + n_samples * 100  # network rows after training
-            rest_s = rest_rows / (rate * 512 * 3) + 3.0  # a training step costs about 3 forward passes of 512 rows
+            rest_s = rest_rows / (rate * 512 * 3) + 5.0  # a training step costs about 3 forward passes of 512 rows
             train_s = min(train_s, deadline - time.perf_counter() - rest_s)
         steps = int(min(20000, max(100, train_s * rate)))
         log(f"pilot: {rate:.1f} steps/s; training {steps} steps (about {steps / rate:.0f} s)")
