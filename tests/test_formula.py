@@ -10,6 +10,13 @@ from scoredensity.formula import integrate_expected_error, log_density
 from scoredensity.proposals import LambdaProposal
 
 
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """Every tensor of these tests is made on the CPU explicitly (the estimators compute where x lives)."""
+    with torch.device("cpu"):
+        yield
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

@@ -19,6 +19,13 @@ from scoredensity.proposals import LambdaProposal
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """Every tensor of these tests is made on the CPU explicitly (the estimators compute where x lives)."""
+    with torch.device("cpu"):
+        yield
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -70,8 +77,8 @@ def test_bad_options_raise_naming_the_option(name, kw):
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_chunk_size_is_a_deprecated_alias_and_validated(name):
     gm, x = _ring(4)
-    with pytest.warns(DeprecationWarning, match="chunk_size"), pytest.raises(ValueError, match="max_batch"):
-        ESTIMATORS[name](gm.eps, x, chunk_size=-1)
+    with pytest.warns(DeprecationWarning, match="chunk_size"), pytest.raises(ValueError, match="chunk_size"):
+        ESTIMATORS[name](gm.eps, x, chunk_size=-1)  # issue 14.6: once returned +2801 instead of raising
     with pytest.warns(DeprecationWarning, match="chunk_size"):
         r = ESTIMATORS[name](gm.eps, x, chunk_size=7)
     assert r.info["max_batch"] == 7
@@ -317,3 +324,73 @@ def test_bf16_agrees_with_fp32_within_stderr_on_a_small_unet():
     bf16 = log_density(eps, x, precision="bf16", **kw)
     assert torch.bfloat16 in seen
     _agree_within_stderr(bf16, fp32)
+
+
+def test_control_variate_integral_on_a_grid_matches_the_node_by_node_rule():
+    from scoredensity.formula import control_variate_integral, integrate_expected_error
+
+    gm, x = _ring(50)
+    for ref in (GaussianMixture.fit_gaussian(x), StandardNormal()):
+        err = ref.expected_denoising_error_fn(x.double())
+        slow = integrate_expected_error(lambda _x, t, err=err: err(t), x.double(), lam_min=-12.0, lam_max=9.5)
+        fast = control_variate_integral(ref, x.double(), -12.0, 9.5)
+        assert torch.allclose(fast, slow.terms["integral"], rtol=1e-12, atol=1e-10)
+
+
+def test_elbo_takes_n_z_draws_per_node_and_stays_exact_for_the_exact_eps():
+    gm, x = _ring(40, seed=8)
+    x = x.double()
+    prop = LambdaProposal.uniform(-20.0, 20.0)
+    one = elbo(gm.eps, x, n_t=32, n_z=1, seed=3, importance=prop)
+    four = elbo(gm.eps, x, n_t=32, n_z=4, seed=3, importance=prop)
+    assert (one.nfe, four.nfe, four.info["n_z"]) == (32, 128, 4)
+    gap = float((four.logp - gm.log_prob(x)).mean())
+    assert abs(gap) < 4 * four.mean_stderr()
+    assert four.mean_stderr() < one.mean_stderr()  # more draws per node: less noise
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_estimator_takes_the_shared_vocabulary(name):
+    import inspect
+
+    fn = {"log_density": log_density, "elbo": elbo, "ode": ode_log_likelihood}[name]
+    shared = {"seed", "example_ids", "cond", "precision", "max_batch", "progress", "lam_min", "lam_max"}
+    params = inspect.signature(fn).parameters
+    assert shared <= set(params)
+    assert params["lam_min"].default is None and params["lam_max"].default is None
+    if name != "ode":  # the ODE has no nodes: its solver picks the times
+        assert params["n_t"].default == 128 and params["n_z"].default == 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"n_t": 0},
+        {"n_t": 16.0},
+        {"n_z": 0},
+        {"n_z": True},
+        {"pilot_nodes": 0},
+        {"pilot_examples": -3},
+        {"decoder_draws": 2.5},
+        {"seed": 1.5},
+        {"max_batch": "64"},
+    ],
+)
+def test_every_integer_option_of_log_density_is_checked(kw):
+    gm, x = _ring(4)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        log_density(gm.eps, x, **kw)
+
+
+@pytest.mark.parametrize("kw", [{"n_t": 0}, {"n_z": 0}, {"n_probes": 0}, {"pilot_nodes": 0}, {"seed": "1"}])
+def test_every_integer_option_of_elbo_is_checked(kw):
+    gm, x = _ring(4)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        elbo(gm.eps, x, **kw)
+
+
+@pytest.mark.parametrize("kw", [{"n_probes": 0, "trace": "hutchinson"}, {"steps": 0}, {"max_num_steps": -1}])
+def test_every_integer_option_of_ode_is_checked(kw):
+    gm, x = _ring(4)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        ode_log_likelihood(gm.eps, x, **kw)
