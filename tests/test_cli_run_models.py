@@ -44,3 +44,41 @@ def test_compare_and_sample_a_trained_run(tmp_path, capsys):
     x = np.load(tmp_path / "smp" / "samples.npy")
     assert x.shape == (300, 2) and np.isfinite(x).all()
     assert main(["compare", str(run), "--preset", "ring8"]) != 0
+
+
+def test_compare_prints_each_row_once_and_reports_the_device(tmp_path, capsys):
+    assert main(["compare", "--preset", "ring8", "--n", "4", "--level", "quick", "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    rows = [ln for ln in cap.out.splitlines() if ln.startswith(("formula ", "ode-exact ", "ddpm-fixed_large "))]
+    assert len(rows) == 3  # the table once; per-estimator progress went to stderr
+    assert "on cpu" in cap.err and "[1/" in cap.err
+
+
+def test_interrupted_runs_are_flagged_with_their_step(tmp_path):
+    """A run killed after its step-40 checkpoint of 60: classify and compare say so (step and warning)."""
+    from helpers import TINY_TRAIN_ARGS, run_module
+
+    from scoredensity.train import KILL_ENV
+
+    run = str(tmp_path / "run")
+    args = [*TINY_TRAIN_ARGS, "--n", "600", "--steps", "60", "--checkpoint-every", "20", "--conditional"]
+    r = run_module("scoredensity", "train", *args, "--out", run, env={KILL_ENV: "40", "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    for cmd in (
+        ["classify", run, "--n", "4", "--budget", "256", "--json"],
+        ["compare", run, "--n", "3", "--level", "quick"],
+    ):
+        r = run_module("scoredensity", *cmd, env={"OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        assert "training did not finish (checkpoint at step 40 of 60)" in r.stderr, r.stderr
+
+
+def test_finished_run_prints_its_step_without_a_warning(tmp_path, capsys):
+    from helpers import TINY_TRAIN_ARGS
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY_TRAIN_ARGS, "--n", "300", "--steps", "3", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "-n", "5", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint at step 3" in err and "warning" not in err

@@ -26,9 +26,9 @@ DEFAULT_MIXTURE = "blobs2d"
 
 
 class ProgressLog:
-    """Plain progress lines on stderr for logs: ``[demo  12s] message``, one per phase, and, inside
-    :meth:`every`, a status line every ``interval`` seconds (default 10) from a callable. Silent when
-    ``enabled`` is False (default: when stderr is not a terminal, where tqdm bars would be unreadable)."""
+    """Plain progress lines on stderr for logs, in the trainer's style: ``demo: message``, one per phase, and,
+    inside :meth:`every`, a status line every ``interval`` seconds (default 10) from a callable. Enabled by default
+    when stderr is not a terminal (where tqdm bars would be unreadable); silent when ``enabled`` is False."""
 
     def __init__(self, name: str = "demo", enabled: bool | None = None, interval: float = 10.0) -> None:
         self.name = name
@@ -39,7 +39,7 @@ class ProgressLog:
     def __call__(self, message: str) -> None:
         """Print one line (when enabled)."""
         if self.enabled:
-            print(f"[{self.name} {time.perf_counter() - self.t0:5.0f}s] {message}", file=sys.stderr, flush=True)
+            print(f"{self.name}: {message}", file=sys.stderr, flush=True)
 
     def every(self, status: Callable[[], str | None]):
         """A context manager that prints ``status()`` every ``interval`` seconds while its body runs."""
@@ -71,8 +71,15 @@ class ProgressLog:
         return _Beat()
 
 
+def _hms(seconds: float) -> str:
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h:02d}:{m:02d}:{sec:02d}"
+
+
 def _training_status(metrics: Path, total: int, t_start: float) -> str | None:
-    """``training: step s/N (p%), loss, steps/s, ETA`` from the last line of a run's metrics.jsonl."""
+    """``training step s/N (p%), loss, steps/s, ETA H:MM:SS`` (the trainer's own line format) from the last line
+    of a run's metrics.jsonl."""
     try:
         with open(metrics, "rb") as f:
             f.seek(0, 2)
@@ -88,10 +95,10 @@ def _training_status(metrics: Path, total: int, t_start: float) -> str | None:
         if isinstance(rec, dict) and "loss" in rec and isinstance(rec.get("step"), int):
             step = rec["step"]
             rate = step / max(time.perf_counter() - t_start, 1e-9)
-            eta = (total - step) / rate if rate > 0 else float("nan")
+            eta = _hms((total - step) / rate) if rate > 0 else "?"
             return (
-                f"training: step {step}/{total} ({100 * step / total:.0f}%), loss {rec['loss']:.4g}, "
-                f"{rate:.0f} steps/s, ETA {eta:.0f} s"
+                f"training step {step}/{total} ({100 * step / total:.0f}%), loss {rec['loss']:.4g}, "
+                f"{rate:.1f} steps/s, ETA {eta}"
             )
     return "training: starting"
 
@@ -115,11 +122,12 @@ def formula_demo(
     seed: int = 0,
     device: str | torch.device = "cpu",
     log: ProgressLog | None = None,
+    bars: bool | None = None,
 ) -> dict:
     """Density formula with the exact eps vs the exact density, at a grid and at samples.
 
-    The mixture's closed-form ``eps`` and the points live on ``device``; ``log`` prints phase lines (and
-    disables tqdm bars) for logs.
+    The mixture's closed-form ``eps`` and the points live on ``device``; ``log`` prints phase lines for logs;
+    ``bars``: tqdm bars (default: when ``log`` is silent).
 
     Writes ``formula_density.png`` and ``formula_demo.json`` into ``out_dir``; returns the summary
     (per point set: mean error, mean |error|, max |error| / stderr, mean stderr, nfe, seconds).
@@ -141,7 +149,7 @@ def formula_demo(
     for name, x in sets.items():
         log(f"exact-score formula on the {name} ({len(x)} points, n_t={n_t})")
         t0 = time.perf_counter()
-        est = log_density(eps, x.to(device), n_t=n_t, seed=seed, progress=not log.enabled)
+        est = log_density(eps, x.to(device), n_t=n_t, seed=seed, progress=(not log.enabled) if bars is None else bars)
         sec = time.perf_counter() - t0
         exact = gm.log_prob(x)
         err = est.logp - exact
@@ -160,7 +168,7 @@ def formula_demo(
         }
         rows.append(row)
         results[name] = (est, exact)
-        log(f"  done in {sec:.1f} s: mean error {row['mean_err']:+.4f} ± {row['mean_err_stderr']:.4f} nats")
+        log(f"{name} done in {sec:.1f} s: mean error {row['mean_err']:+.4f} ± {row['mean_err_stderr']:.4f} nats")
     est, exact = results["grid"]
     save_density_comparison(
         out / "formula_density.png",
@@ -189,17 +197,21 @@ def training_demo(
     progress: bool | None = None,
     device: str | torch.device = "cpu",
     log: ProgressLog | None = None,
+    deadline: float | None = None,
 ) -> dict:
     """Train a denoiser on the embedded mixture for about ``seconds`` of CPU time, then hold it against the truth.
 
-    Steps: a 100-step pilot measures the speed, the run then gets the steps that fit the budget (or ``steps``)
+    Steps: a 50-step pilot measures the speed, the run then gets the steps that fit the budget (or ``steps``)
     (likelihood weighting, adaptive log-SNR sampling, EMA; :func:`scoredensity.train.train`, run folder
     ``out_dir/run``); the held-out NLL bound (density formula, EMA weights) is compared with the exact NLL of the
     same test points; the learned density on a grid is drawn next to the exact one; samples (DDIM, 100 steps) are
     drawn next to true samples.
 
-    ``device``: where the model trains (when the trainer takes a device) and is evaluated. ``log``: progress lines
-    for logs (:class:`ProgressLog`; a status line every 10 s during training); ``progress``: the trainer's own bar.
+    ``deadline`` (a ``time.perf_counter()`` value): when the whole demo should be done; on a busy machine the
+    training then gets fewer steps (at least 100), so that evaluation, grid and samples still fit (estimated from
+    the pilot's speed). ``device``: where the model trains (when the trainer takes a device) and is evaluated.
+    ``log``: progress lines for logs (:class:`ProgressLog`; a status line every 10 s during training).
+    ``progress``: the trainer's own display (True: bar; None: its default; False: none).
 
     Writes ``trained_density.png``, ``samples.png`` and ``training_demo.json`` into ``out_dir``; returns the
     summary (steps, seconds, the evaluation dict of :func:`scoredensity.train.evaluate_model`, grid errors).
@@ -219,8 +231,12 @@ def training_demo(
     log = log or ProgressLog(enabled=False)
     device = torch.device(device)
     dev_kw = {"device": str(device)} if "device" in {f.name for f in dataclasses.fields(TrainConfig)} else {}
-    if log.enabled and progress is None:
-        progress = False  # the log gets ProgressLog's lines instead of a bar
+    import scoredensity.train as _train
+
+    # a trainer that prints its own plain lines in logs (progress=None) needs no heartbeat from the demo
+    trainer_logs = hasattr(_train, "PROGRESS_SECONDS")
+    if log.enabled and progress is None and not trainer_logs:
+        progress = False  # the log gets ProgressLog's status lines instead
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own output of an earlier call
     data = {"name": DEFAULT_MIXTURE, "seed": seed}
@@ -228,12 +244,17 @@ def training_demo(
     if steps is None:  # pilot: measure steps per second on this machine, then size the run to the budget
         pilot_dir = out / ".pilot"
         shutil.rmtree(pilot_dir, ignore_errors=True)
-        log("pilot: 100 training steps to measure this machine's speed")
-        pilot_cfg = TrainConfig(steps=100, batch_size=512, eval_final=False, **dev_kw)
+        log("pilot: 50 training steps to measure this machine's speed")
+        pilot_cfg = TrainConfig(steps=50, batch_size=512, eval_final=False, **dev_kw)
         rate = train(pilot_dir, data, net=net, config=pilot_cfg, progress=False).steps_per_second
         shutil.rmtree(pilot_dir, ignore_errors=True)
-        steps = int(min(20000, max(300, 0.9 * seconds * rate)))
-        log(f"pilot: {rate:.0f} steps/s; training {steps} steps (about {steps / rate:.0f} s)")
+        train_s = 0.9 * seconds
+        if deadline is not None:  # leave time for what follows training (evaluation, grid, samples, plots)
+            rest_rows = 1.1 * n_eval * 32 + n_grid * n_grid * 128 + n_samples * 100  # network rows after training
+            rest_s = rest_rows / (rate * 512 * 3) + 5.0  # a training step costs about 3 forward passes of 512 rows
+            train_s = min(train_s, deadline - time.perf_counter() - rest_s)
+        steps = int(min(20000, max(100, train_s * rate)))
+        log(f"pilot: {rate:.1f} steps/s; training {steps} steps (about {steps / rate:.0f} s)")
     cfg = TrainConfig(
         steps=steps,
         batch_size=512,
@@ -246,7 +267,8 @@ def training_demo(
         **dev_kw,
     )
     t_train = time.perf_counter()
-    with log.every(lambda: _training_status(run_dir / "metrics.jsonl", steps, t_train)):
+    beat = log if not (trainer_logs and progress is None) else ProgressLog(enabled=False)
+    with beat.every(lambda: _training_status(run_dir / "metrics.jsonl", steps, t_train)):
         res = train(run_dir, data, net=net, config=cfg, progress=progress)
     ev = res.final_eval
     log(f"trained {steps} steps in {res.seconds:.1f} s; held-out NLL bound {ev['nll']:.4f}, exact {ev['true_nll']:.4f}")
@@ -267,7 +289,7 @@ def training_demo(
         xs,
         [("exact density", exact.numpy()), (f"trained model, formula bound ({steps} steps)", est.logp.numpy())],
         error=(
-            "gap = exact log-density - bound, nats (>= 0 up to noise; clipped to ±3)",
+            "gap = exact log p - bound (nats, ±3)",
             (exact - est.logp).clamp(-3, 3).numpy(),
         ),
     )

@@ -144,6 +144,20 @@ def _describe_os_error(e: OSError) -> str:
     return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
+_CODES_BY_NAME = {
+    "DivergenceError": EXIT_DIVERGED,
+    "TrainingDiverged": EXIT_DIVERGED,  # scoredensity.train
+    "TrainingInterrupted": EXIT_SIGTERM,  # scoredensity.train; 128 + its signum
+    "RunLockedError": EXIT_BUSY,  # scoredensity.runlock
+    "DataError": EXIT_DATA,  # scoredensity.data
+    "CheckpointError": EXIT_DATA,  # scoredensity.checkpoint
+    "ConfigError": EXIT_DATA,  # scoredensity.config_schema
+    "SafetensorError": EXIT_DATA,
+    "DecompressionBombError": EXIT_DATA,
+    "UnpicklingError": EXIT_DATA,
+}
+
+
 def exit_code_for(e: BaseException) -> int:
     """The exit code for an exception (table in the module docstring)."""
     if isinstance(e, KeyboardInterrupt):
@@ -151,9 +165,11 @@ def exit_code_for(e: BaseException) -> int:
     code = getattr(e, "exit_code", None)
     if isinstance(code, int) and not isinstance(code, bool):
         return code
-    name = type(e).__name__
-    if name in ("DataError", "CheckpointError", "SafetensorError", "DecompressionBombError", "UnpicklingError"):
-        return EXIT_DATA
+    for cls in type(e).__mro__:  # other modules' classes, by name (no import cycle, nothing to register)
+        if cls.__name__ in _CODES_BY_NAME:
+            if cls.__name__ == "TrainingInterrupted" and isinstance(getattr(e, "signum", None), int):
+                return 128 + e.signum
+            return _CODES_BY_NAME[cls.__name__]
     if isinstance(e, FileNotFoundError):  # a missing input (outputs get their folders created)
         return EXIT_DATA
     if isinstance(e, OSError):

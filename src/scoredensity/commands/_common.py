@@ -27,6 +27,7 @@ __all__ = [
     "supported_kwargs",
     "with_precision",
     "net_kind",
+    "prepare_out_dir",
 ]
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
@@ -211,6 +212,26 @@ def net_kind(config: dict) -> str:
     """``"unet"`` or ``"small"`` for a run's config (thread defaults, :func:`default_threads`)."""
     net = config.get("net", {}) if isinstance(config, dict) else {}
     return "unet" if isinstance(net, dict) and net.get("type") == "unet" else "small"
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def prepare_out_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents) before any work is done, so that an unusable
+    ``--out`` (an existing file, a path under a file, a read-only parent) fails at once with the ``OSError`` that
+    names it, instead of after minutes of computing.
+
+    Raises:
+        FileExistsError / NotADirectoryError / PermissionError: naming the path (exit code 4 on the command line).
+    """
+    import errno
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(errno.EEXIST, "exists and is a file, not a folder", str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "folder not writable", str(out))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- run folders

@@ -7,9 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from ._common import add_device_arguments, add_threads_argument, apply_threads, resolve_device
+from ._common import add_device_arguments, add_threads_argument, apply_threads, prepare_out_dir, resolve_device
 
 NAME = "certify"
 HELP = "certify ELBO training: ELBO-fitted vs maximum-likelihood Gaussian mixtures, gap against T"
@@ -58,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             f"note: certify's EM fits and exact mixture denoisers are small CPU work; it runs on the CPU, not {device}",
             file=sys.stderr,
         )
+    out = prepare_out_dir(args.out)
     k = args.k if args.k is not None else {"blobs2d": 3, "ring8": 8, "grid25": 25}.get(args.data, 6)
     x_train, x_test = certify_data(args.data, args.n, args.seed)
     if k > len(x_train):
@@ -65,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
     rep = certify_mixture(
         x_train, x_test, k, steps=tuple(args.steps), variances=tuple(args.variances), n_init=args.n_init, seed=args.seed
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     png = out / "certify_gap.png"
     plot_gap(rep, png)
     summary = {

@@ -15,6 +15,7 @@ from ._common import (
     estimator_options,
     load_run_checked,
     net_kind,
+    prepare_out_dir,
     resolve_device,
     supported_kwargs,
     warn_if_unfinished,
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--budget must be >= 1, got {args.budget}")
     device = resolve_device(args.device)
     opts = estimator_options(args)
+    if args.out:
+        prepare_out_dir(Path(args.out).parent)
     model, config, ds = load_run_checked(args.run_dir, ema=not args.raw)
     warn_if_unfinished(config, args.run_dir)
     apply_threads(args, net_kind(config))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from ._common import load_run_checked, warn_if_unfinished
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(17, "exists and is a file, not a folder", str(out))
+        raise FileExistsError(errno.EEXIST, "exists and is a file, not a folder", str(out))
     model, config, _ = load_run_checked(args.run_dir, ema=not args.raw, load_data=False)
     if config["net"].get("type", "mlp") != "unet":
         raise ValueError(f"{args.run_dir}: only U-Net runs ('--net unet') export to diffusers")

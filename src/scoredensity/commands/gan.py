@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ._common import (
     add_device_arguments,
     add_threads_argument,
     apply_threads,
     load_run_checked,
+    prepare_out_dir,
     resolve_device,
     warn_if_unfinished,
     with_precision,
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     apply_threads(args)
     mix = mixture_preset(args.preset)
+    out = prepare_out_dir(args.out)
     eps_fn = None
     if args.denoiser is not None:
         model, config, _ = load_run_checked(args.denoiser, load_data=False)
@@ -102,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
     samples = res.sample(args.n_samples, seed=args.seed + 1000).detach().cpu()
     metrics = gan_metrics(samples, mix)
     counts, radii = mode_counts(samples, mix)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     real = mix.sample(args.n_samples, generator=torch.Generator().manual_seed(0)).numpy()
     title = "plain GAN" if args.reg_coef == 0 else f"reg {args.reg_gradient}/{args.reg_weighting} x{args.reg_coef:g}"
     covered = int((counts >= 1).sum())

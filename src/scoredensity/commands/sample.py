@@ -11,7 +11,14 @@ import json
 import time
 from pathlib import Path
 
-from ._common import add_device_arguments, add_threads_argument, apply_threads, resolve_device, with_precision
+from ._common import (
+    add_device_arguments,
+    add_threads_argument,
+    apply_threads,
+    prepare_out_dir,
+    resolve_device,
+    with_precision,
+)
 from ._model_source import add_model_arguments, model_source
 
 NAME = "sample"
@@ -158,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     device = resolve_device(args.device)
+    prepare_out_dir(args.out)
     src = model_source(args, device)
     apply_threads(args, src.kind)
     reference = None
