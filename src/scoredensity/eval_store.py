@@ -91,7 +91,8 @@ class ResultStore:
         keys: the float64 values of a record (e.g. ``["formula-discrete/logp", ...]``).
         folder: where to write shards, the manifest and the merged results; ``None`` keeps everything in memory.
         settings: the evaluation's settings (JSON-serialisable); a resumed evaluation must have the same ones
-            (except ``world_size``, ``device``, ``max_batch``, ``batch_size``, ``progress``: they do not change the figures).
+            (except ``world_size``, ``device``, ``max_batch``, ``batch_size``, ``progress``: they do not change
+            the figures).
         data_sha256: hash of the evaluated data; a resumed evaluation must have the same.
         resume: continue a folder that holds a manifest. Without it, a folder that already holds one is refused.
 
