@@ -138,7 +138,7 @@ def test_reproducible_and_independent_of_chunking_and_shape():
     x = gm.sample(37, generator=_gen(7)).float()
     prop = LambdaProposal.uniform(-20.0, 20.0)
     a = log_density(gm.eps, x, importance=prop, control_variate=None, seed=3)
-    b = log_density(gm.eps, x, importance=prop, control_variate=None, seed=3, chunk_size=17)
+    b = log_density(gm.eps, x, importance=prop, control_variate=None, seed=3, max_batch=17)
     assert torch.equal(a.logp, b.logp) and torch.equal(a.stderr, b.stderr)
     c = log_density(gm.eps, x, importance=prop, control_variate=None, seed=4)
     assert not torch.equal(a.logp, c.logp)

@@ -27,44 +27,32 @@ does: ``||eps||^2 / 2 ≈ t ||y||^2 / 2`` fluctuates by ``O(sqrt(d))`` for every
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .epsfn import EpsFn, call_eps, check_data
-from .formula import (
-    _resolve_control_variate,
-    control_variate_integral,
-    end_terms,
-    example_generator,
-    stratified_mean_and_var,
+from . import rng
+from .decoders import end_terms
+from .epsfn import (
+    EpsFn,
+    call_eps,
+    check_data,
+    check_int,
+    check_precision,
+    default_max_batch,
+    resolve_lam_range,
+    resolve_max_batch,
+    row_blocks,
+    work_device,
 )
+from .formula import control_variate_integral, resolve_control_variate, stratified_mean_and_var
 from .logdensity import LogDensity
-from .mathutil import PROBES, divergence, make_probes, reverse_drift_divergence
-from .mixtures import GaussianMixture
+from .mathutil import PROBES, divergence, reverse_drift_divergence
+from .mixtures import GaussianMixture, StandardNormal
 from .proposals import LambdaProposal
 
 __all__ = ["elbo"]
 
-
-class _StdNormal:
-    """``N(0, I)`` as a control variate in closed form, without the d x d algebra of :class:`GaussianMixture`:
-    ``eps*(y, t) = sqrt(t) y`` and ``E_z ||z - eps*||^2 = d (1-t)^2 + t (1-t) ||x||^2``."""
-
-    @staticmethod
-    def eps(y: Tensor, t: Tensor) -> Tensor:
-        return t.to(y.dtype).sqrt()[:, None] * y
-
-    @staticmethod
-    def expected_denoising_error(x: Tensor, t: Tensor) -> Tensor:
-        return _StdNormal.expected_denoising_error_fn(x)(t)
-
-    @staticmethod
-    def expected_denoising_error_fn(x: Tensor):
-        xf = x.flatten(1).to(torch.float64)
-        d, sq = xf.shape[1], xf.pow(2).sum(1)
-        return lambda t: d * (1 - t) ** 2 + t * (1 - t) * sq
+Reference = GaussianMixture | StandardNormal
 
 
 def _integrand(
@@ -73,49 +61,80 @@ def _integrand(
     lam: Tensor,
     z: Tensor,
     probes: Tensor | None,
-    gauss: GaussianMixture | _StdNormal | None,
+    gauss: Reference | None,
+    cond: Tensor | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
     """One-draw integrand ``-div b_1 - ||eps||^2 / 2`` (minus the control variate's), per row [N] float64.
 
+    The autograd graph of the call lives only inside this function (the result is detached), so memory is one
+    chunk's graph whatever the number of examples.
+
     Args:
-        x0: [N, *shape] data rows. lam: [N] float64. z: [N, *shape] noise.
+        x0: [N, *shape] data rows (on the model's device). lam: [N] float64. z: [N, *shape] float64 noise.
         probes: [n, N, *shape] Hutchinson probes, or ``None`` for the exact divergence.
+        cond: [N, ...] row-aligned condition or ``None``. precision: autocast of the network call.
+
+    Returns:
+        [N] float64 on ``lam``'s device.
     """
-    lam = lam.to(x0.device)
     t = torch.sigmoid(-lam)
     shape = (-1,) + (1,) * (x0.dim() - 1)
     a = torch.sigmoid(lam).sqrt().reshape(shape)
     s = t.sqrt().reshape(shape)
+    extra = () if cond is None else (cond,)
     with torch.enable_grad():
-        y = (a * x0.to(torch.float64) + s * z.to(torch.float64)).to(x0.dtype).detach().requires_grad_(True)
-        eps = call_eps(eps_fn, y, t)
+        y64 = a * x0.to(device=lam.device, dtype=torch.float64) + s * z
+        y = y64.to(device=x0.device, dtype=x0.dtype).detach().requires_grad_(True)
+        # the network gets a copy (a non-leaf): writing into it cannot corrupt y; autograd detects a write
+        # after use and divergence() reports it
+        eps = call_eps(eps_fn, y.clone(), t.to(x0.device, copy=True), *extra, precision=precision)
         sq = eps.flatten(1).to(torch.float64).pow(2).sum(1)
         if gauss is not None:
-            # the reference Gaussian lives on the CPU; autograd follows the transfers
-            eps_g = gauss.eps(y.flatten(1).cpu(), t.cpu()).reshape(y.shape).to(device=y.device, dtype=eps.dtype)
+            eps_g = gauss.eps(y.flatten(1).to(lam.device), t).reshape(y.shape).to(device=y.device, dtype=eps.dtype)
             sq = sq - eps_g.flatten(1).to(torch.float64).pow(2).sum(1)
             eps = eps - eps_g  # the divergence is linear: one vjp serves both
-        div = divergence(eps, y, probes).mean(0)  # [N]
+        div = divergence(eps, y, None if probes is None else probes.to(y.device)).mean(0)  # [N]
     d = 0 if gauss is not None else y[0].numel()  # the d t / 2 parts of the two drifts cancel
-    return (-reverse_drift_divergence(div, lam, d, eta=1.0) - 0.5 * sq).detach().cpu()
+    out = -reverse_drift_divergence(div.detach(), lam.to(div.device), d, eta=1.0) - 0.5 * sq.detach()
+    return out.to(lam.device)
+
+
+def _draws(
+    seed: int, keys_of: tuple[tuple[int, int], ...], keys: Tensor, n: int, shape: torch.Size, probe: str, n_probes: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per example of ``keys`` [b]: ``n`` uniforms [b, n], noise [b, n, *shape] and probes [n_p, b n, *shape]
+    (``None`` for the exact trace), keyed by the three ``(stream, step)`` pairs of ``keys_of``."""
+    dev = keys.device
+    (s_u, k_u), (s_z, k_z), (s_v, k_v) = keys_of
+    u = rng.uniforms(seed, s_u, keys, n, step=k_u, device=dev)
+    z = rng.normals(seed, s_z, keys, (n, *shape), step=k_z, device=dev)
+    if probe == "exact":
+        return u, z, None
+    draw = rng.rademacher if probe == "rademacher" else rng.normals
+    v = draw(seed, s_v, keys, (n, n_probes, *shape), step=k_v, device=dev)  # [b, n, n_p, *shape]
+    return u, z, v.movedim(2, 0).reshape(n_probes, -1, *shape)
 
 
 def elbo(
     eps_fn: EpsFn,
     x: Tensor,
     *,
-    n_t: int = 256,
+    n_t: int = 128,
     probe: str = "rademacher",
     n_probes: int = 1,
-    lam_min: float = -20.0,
-    lam_max: float = 20.0,
+    lam_min: float | None = None,
+    lam_max: float | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
     importance: str | LambdaProposal = "adaptive",
-    control_variate: str | GaussianMixture | Tensor | None = "auto",
+    control_variate: str | GaussianMixture | Tensor | None = "batch_or_prior",
     pilot_nodes: int = 16,
     pilot_examples: int = 64,
     example_ids: Tensor | None = None,
+    cond: Tensor | None = None,
+    precision: str = "fp32",
+    max_batch: int | None = None,
 ) -> LogDensity:
     """Continuous-time ELBO of the plug-in reverse SDE in divergence form (seed 001), per example in nats.
 
@@ -125,24 +144,32 @@ def elbo(
 
     Args:
         eps_fn: noise predictor ``eps_fn(x_t [N, *shape], t [N] float64)``, differentiable in ``x_t``.
-        x: [B, *shape] data.
+        x: [B, *shape] data, on the model's device.
         n_t: log-SNR draws per example (even: stratified, two independent draws per stratum of the proposal,
-            so the standard error is honest).
+            so the standard error is honest). Default 128, as the formula's.
         probe: ``"rademacher"``, ``"gaussian"`` (Hutchinson) or ``"exact"`` (``d`` vjps per draw: small d).
         n_probes: Hutchinson probes per draw (ignored for ``exact``).
-        lam_min, lam_max: log-SNR range, closed by the formula's exact end terms.
-        seed: randomness keyed by (seed, example index): results do not depend on ``chunk_size``.
-        chunk_size: rows per ``eps_fn`` call (default ~2^20 / d).
+        lam_min, lam_max: log-SNR range, closed by the formula's exact end terms; ``None``: the model's own
+            ``eps_fn.lam_range``, else [-20, 20].
+        seed: key of all randomness (:mod:`scoredensity.rng`, streams ELBO_*): results do not depend on
+            ``max_batch``.
+        chunk_size: deprecated alias of ``max_batch``.
         importance: ``"adaptive"`` (pilot of ``pilot_nodes`` uniform draws on up to ``pilot_examples``
             examples, proposal ∝ RMS of the integrand; pilot values are not reused), ``"uniform"`` or a
             :class:`LambdaProposal`.
-        control_variate: ``"auto"`` (Gaussian fitted to the batch when B > d, else ``N(0, I)``), ``"batch"``,
-            ``"prior"`` (``N(0, I)``), a single-Gaussian :class:`GaussianMixture`, reference data, or ``None``.
+        control_variate: as in :func:`scoredensity.formula.resolve_control_variate` (the same meaning for every
+            estimator). The default ``"batch_or_prior"`` is the Gaussian fitted to the batch when B > d, else
+            ``N(0, I)``, which cancels the O(sqrt(d)) noise of ``||eps||^2`` at low SNR; ``"auto"`` falls back to
+            no control variate instead (noisier here).
         example_ids: [B] integer keys of the examples' random streams (default ``0..B-1``); pass global indices
             when a data set is evaluated in batches or shards (with a fixed ``importance=`` proposal and control
             variate, each example's result then does not depend on the batching).
+        cond: [B, ...] per-example condition: ``eps_fn(x_t, t, cond_rows)`` with rows aligned to ``x_t``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the network only (sums stay float64).
+        max_batch: rows per ``eps_fn`` call (default from a memory budget; each chunk's autograd graph is freed
+            before the next).
 
-    ``x`` may live on any device (``eps_fn`` is called there); the result is on the CPU.
+    Computed on ``x``'s device (float64 work there, except MPS); the result is on the CPU and carries no graph.
 
     Returns:
         :class:`LogDensity` (terms ``noisy_end``, ``integral``, ``clean_end``). ``nfe`` counts forward calls of
@@ -152,97 +179,92 @@ def elbo(
     x = check_data(x)
     if probe not in (*PROBES, "exact"):
         raise ValueError(f"probe must be one of {(*PROBES, 'exact')}, got {probe!r}")
-    if n_t < 2 or n_t % 2:
+    n_t = check_int("n_t", n_t, 2)
+    if n_t % 2:
         raise ValueError(f"n_t must be even and >= 2 (two draws per stratum), got {n_t}")
-    if n_probes < 1:
-        raise ValueError(f"n_probes must be >= 1, got {n_probes}")
-    if not (math.isfinite(lam_min) and math.isfinite(lam_max)) or not lam_max > lam_min:
-        raise ValueError(f"need finite lam_min < lam_max, got [{lam_min}, {lam_max}]")
+    n_probes = check_int("n_probes", n_probes)
+    seed = check_int("seed", seed, minimum=-(1 << 63))
+    lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
+    precision = check_precision(precision)
     b, shape, d = x.shape[0], x.shape[1:], x[0].numel()
-    keys = torch.arange(b) if example_ids is None else torch.as_tensor(example_ids).long().flatten().cpu()
-    if keys.shape != (b,):
-        raise ValueError(f"example_ids must have one entry per example ({b}), got shape {tuple(keys.shape)}")
-    x_cpu = x.detach().cpu()
-    if chunk_size is None:
-        chunk_size = max(1, (1 << 20) // d)
-    gauss: GaussianMixture | _StdNormal | None
-    if control_variate == "prior":
-        gauss = _StdNormal()
-    else:
-        gauss = _resolve_control_variate(control_variate, x_cpu)
-        if gauss is None and control_variate == "auto":
-            gauss = _StdNormal()
+    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != b):
+        raise ValueError(f"cond must be a tensor with one row per example ({b})")
+    if max_batch is None and chunk_size is None:
+        max_batch = default_max_batch(d, copies=32)  # autograd keeps the graph of a chunk: a smaller default
+    max_batch = resolve_max_batch(max_batch, d, chunk_size)
+    dev = work_device(x)
     n_p = 0 if probe == "exact" else n_probes
     vjp_per_row = d if probe == "exact" else n_probes
 
-    def draw(n: int, g: torch.Generator) -> tuple[Tensor, Tensor | None]:
-        """``n`` noise draws [n, *shape] and their probes [n_p, n, *shape] (None for the exact trace)."""
-        z = torch.randn((n, *shape), generator=g, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
-        return z, (None if probe == "exact" else make_probes(z, n_p, probe, g))
+    with torch.no_grad():  # only _integrand builds a graph, one chunk at a time
+        keys = rng.example_keys(example_ids, b, dev)
+        gauss = resolve_control_variate(control_variate, x)
 
-    def evaluate(ex: Tensor, lam: Tensor, z: Tensor, probes: Tensor | None) -> Tensor:
-        out = torch.empty(len(ex), dtype=torch.float64)
-        for s in range(0, len(ex), chunk_size):
-            sl = slice(s, min(s + chunk_size, len(ex)))
-            pr = None if probes is None else probes[:, sl]
-            out[sl] = _integrand(eps_fn, x[ex[sl]], lam[sl], z[sl], pr, gauss)
-        return out
+        def evaluate(ex: Tensor, lam: Tensor, z: Tensor, probes: Tensor | None) -> Tensor:
+            """Integrand [N] at rows (example ``ex``, ``lam``, ``z``, ``probes`` [n_p, N, *shape])."""
+            out = torch.empty(len(ex), dtype=torch.float64, device=dev)
+            for sl in row_blocks(len(ex), max_batch):
+                pr = None if probes is None else probes[:, sl]
+                rows = ex[sl].to(x.device)
+                c = None if cond is None else cond[rows.to(cond.device)]
+                out[sl] = _integrand(eps_fn, x[rows], lam[sl], z[sl], pr, gauss, c, precision)
+            return out
 
-    # ---- proposal over log-SNR
-    pilot_rows = 0
-    if isinstance(importance, LambdaProposal):
-        proposal = importance
-        if (proposal.lam_min, proposal.lam_max) != (lam_min, lam_max):
-            raise ValueError("the proposal's range differs from [lam_min, lam_max]")
-    elif importance == "uniform":
-        proposal = LambdaProposal.uniform(lam_min, lam_max)
-    elif importance == "adaptive":
-        g = example_generator(seed, -1, 11)
-        pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique()
-        m = len(pick)
-        u = torch.arange(pilot_nodes, dtype=torch.float64)[None] + torch.rand(
-            m, pilot_nodes, generator=g, dtype=torch.float64
-        )
-        lam_p = lam_min + (lam_max - lam_min) * (u / pilot_nodes).flatten()
-        z_p, pr_p = draw(m * pilot_nodes, g)
-        f_p = evaluate(pick.repeat_interleave(pilot_nodes), lam_p, z_p, pr_p)
-        proposal = LambdaProposal.fit(lam_p, f_p, lam_min, lam_max)
-        pilot_rows = m * pilot_nodes
-    else:
-        raise ValueError(f"importance must be 'adaptive', 'uniform' or a LambdaProposal, got {importance!r}")
+        # ---- proposal over log-SNR
+        pilot_rows = 0
+        if isinstance(importance, LambdaProposal):
+            proposal = importance
+            if (proposal.lam_min, proposal.lam_max) != (lam_min, lam_max):
+                raise ValueError(
+                    f"the proposal's range [{proposal.lam_min}, {proposal.lam_max}] differs from "
+                    f"[lam_min, lam_max] = [{lam_min}, {lam_max}]"
+                )
+        elif importance == "uniform":
+            proposal = LambdaProposal.uniform(lam_min, lam_max)
+        elif importance == "adaptive":
+            pilot_nodes = check_int("pilot_nodes", pilot_nodes)
+            pilot_examples = check_int("pilot_examples", pilot_examples)
+            pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique().to(dev)
+            m = len(pick)
+            pilot = ((rng.Stream.ELBO_PILOT, 0), (rng.Stream.ELBO_PILOT, 1), (rng.Stream.ELBO_PILOT, 2))
+            u, z, pr = _draws(seed, pilot, torch.arange(m, device=dev), pilot_nodes, shape, probe, n_p)
+            u = (torch.arange(pilot_nodes, dtype=torch.float64, device=dev)[None] + u) / pilot_nodes
+            lam_p = lam_min + (lam_max - lam_min) * u.flatten()
+            f_p = evaluate(pick.repeat_interleave(pilot_nodes), lam_p, z.reshape(-1, *shape), pr)
+            proposal = LambdaProposal.fit(lam_p, f_p, lam_min, lam_max)
+            pilot_rows = m * pilot_nodes
+        else:
+            raise ValueError(f"importance must be 'adaptive', 'uniform' or a LambdaProposal, got {importance!r}")
 
-    # ---- stratified draws: n_t/2 equal-mass strata of the proposal, two draws each
-    strata = n_t // 2
-    integral = torch.empty(b, dtype=torch.float64)
-    var = torch.empty(b, dtype=torch.float64)
-    per_block = max(1, chunk_size // n_t)
-    for s0 in range(0, b, per_block):
-        idx = torch.arange(s0, min(s0 + per_block, b))
-        us, zs, prs = [], [], []
-        for i in keys[idx].tolist():
-            g = example_generator(seed, i, 1)
-            offsets = torch.rand(n_t, generator=g, dtype=torch.float64)
-            us.append((torch.arange(strata, dtype=torch.float64).repeat_interleave(2) + offsets) / strata)
-            z_i, pr_i = draw(n_t, g)
-            zs.append(z_i)
-            prs.append(pr_i)
-        lam = proposal.icdf(torch.stack(us))  # [b', n_t]
-        z = torch.cat(zs)  # [b' n_t, *shape]
-        probes = None if probe == "exact" else torch.cat(prs, dim=1)  # [n_p, b' n_t, *shape]
-        f = evaluate(idx.repeat_interleave(n_t), lam.flatten(), z, probes).reshape(len(idx), n_t)
-        integral[idx], var[idx] = stratified_mean_and_var((f / proposal.pdf(lam)).reshape(len(idx), strata, 2))
+        # ---- stratified draws: n_t/2 equal-mass strata of the proposal, two draws each; blocks of examples
+        strata = n_t // 2
+        integral = torch.empty(b, dtype=torch.float64, device=dev)
+        var = torch.empty(b, dtype=torch.float64, device=dev)
+        offsets = torch.arange(strata, dtype=torch.float64, device=dev).repeat_interleave(2)[None]
+        streams = ((rng.Stream.ELBO_LAM, 0), (rng.Stream.ELBO_NOISE, 0), (rng.Stream.ELBO_PROBE, 0))
+        for sl in row_blocks(b, max(1, max_batch // n_t)):
+            u, z, probes = _draws(seed, streams, keys[sl], n_t, shape, probe, n_p)
+            lam = proposal.icdf((offsets + u) / strata)  # [b', n_t]
+            idx = torch.arange(sl.start, sl.stop, device=dev).repeat_interleave(n_t)
+            f = evaluate(idx, lam.flatten(), z.reshape(-1, *shape), probes).reshape(-1, n_t)
+            integral[sl], var[sl] = stratified_mean_and_var((f / proposal.pdf(lam)).reshape(-1, strata, 2))
 
-    if gauss is not None:
-        integral = integral + control_variate_integral(gauss, x_cpu.flatten(1), lam_min, lam_max)
-    noisy, clean = end_terms(x_cpu, lam_min, lam_max)
+        noisy = torch.empty(b, dtype=torch.float64, device=dev)
+        clean = torch.empty(b, dtype=torch.float64, device=dev)
+        for sl in row_blocks(b, max_batch):
+            x_blk = x[sl].flatten(1).to(device=dev, dtype=torch.float64)
+            if gauss is not None:
+                integral[sl] += control_variate_integral(gauss, x_blk, lam_min, lam_max)
+            noisy[sl], clean[sl] = end_terms(x_blk, lam_min, lam_max)
+
     nfe = n_t + pilot_rows / b
     vjp = nfe * vjp_per_row
     return LogDensity(
-        logp=noisy + integral + clean,
-        stderr=var.clamp_min(0).sqrt(),
+        logp=(noisy + integral + clean).cpu(),
+        stderr=var.clamp_min(0).sqrt().cpu(),
         nfe=nfe,
         dim=d,
-        terms={"noisy_end": noisy, "integral": integral, "clean_end": clean},
+        terms={"noisy_end": noisy.cpu(), "integral": integral.cpu(), "clean_end": clean.cpu()},
         method=f"elbo-div-{probe}",
         info={
             "lam_min": lam_min,
@@ -255,5 +277,7 @@ def elbo(
             "seed": seed,
             "vjp": vjp,
             "cost": nfe + vjp,
+            "precision": precision,
+            "max_batch": max_batch,
         },
     )

@@ -23,6 +23,9 @@ __all__ = [
     "resolve_max_batch",
     "resolve_lam_range",
     "check_int",
+    "check_precision",
+    "work_device",
+    "row_blocks",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -50,6 +53,17 @@ def autocast_context(precision: str, device: torch.device | str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` checked to be one of :data:`PRECISIONS`.
+
+    Raises:
+        ValueError: naming the option and the accepted values.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
 
 
 def call_eps(eps_fn: EpsFn, x_t: Tensor, t: Tensor, *cond: Tensor, precision: str = "fp32") -> Tensor:
@@ -138,6 +152,16 @@ def resolve_lam_range(eps_fn: EpsFn, lam_min: float | None, lam_max: float | Non
     if not hi > lo:
         raise ValueError(f"need lam_max > lam_min, got [{lo}, {hi}]")
     return lo, hi
+
+
+def work_device(x: Tensor) -> torch.device:
+    """Where an estimator's float64 work on ``x`` runs: ``x``'s device, except MPS (no float64) -> the CPU."""
+    return torch.device("cpu") if x.device.type == "mps" else x.device
+
+
+def row_blocks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``range(n)``: how estimators bound their memory."""
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 def check_data(x: Tensor, name: str = "x") -> Tensor:

@@ -19,13 +19,21 @@ is reported in the formula's own split, which adds up to the same number:
 * ``noisy_end = -KL + (d/2) softplus(lam_min)``      (-> 0 as lam_min -> -inf)
 * ``integral  = 1/2 ∫_{lam_min}^{lam_max} [d sigmoid(lam) - E||z - eps||^2] dlam``
 * ``clean_end = -(d/2) log(2 pi e) - (d/2) softplus(-lam_max)``  (-> the Gaussian entropy constant)
+
+Execution. Every draw comes from :mod:`scoredensity.rng`, keyed by (seed, stream, example id), generated in
+batched tensor ops on the data's device: the bits do not depend on batch, ``max_batch`` or shard. The work runs
+on ``x``'s device (float64 there, except on MPS, which has no float64: then on the CPU) under
+``torch.inference_mode()``, in blocks of examples of at most ``max_batch`` rows, so memory does not grow with the
+number of examples. Results come back on the CPU.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,26 +41,40 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import rng
 from .decoders import discretized_gaussian_log_likelihood, end_terms
-from .epsfn import EpsFn, call_eps, check_data
+from .epsfn import (
+    DEFAULT_LAM_RANGE,
+    EpsFn,
+    call_eps,
+    check_data,
+    check_int,
+    check_precision,
+    resolve_lam_range,
+    resolve_max_batch,
+    row_blocks,
+    work_device,
+)
 from .logdensity import LogDensity
-from .mixtures import GaussianMixture
+from .mixtures import GaussianMixture, StandardNormal
 from .proposals import LambdaProposal
 
 __all__ = [
     "log_density",
     "fit_proposal",
+    "resolve_control_variate",
     "control_variate_integral",
     "stratified_mean_and_var",
-    "example_generator",
     "end_terms",
     "integrate_expected_error",
     "formula_integrand",
     "DEFAULT_LAM_RANGE",
+    "CONTROL_VARIATES",
 ]
 
-DEFAULT_LAM_RANGE = (-20.0, 20.0)
 SCHEMES = ("stratified", "mc", "quadrature")
+CONTROL_VARIATES = ("auto", "batch", "prior", "batch_or_prior")
+Reference = GaussianMixture | StandardNormal
 
 
 def formula_integrand(z: Tensor, eps: Tensor, lam: Tensor, norm_z: bool = True) -> Tensor:
@@ -72,10 +94,10 @@ def formula_integrand(z: Tensor, eps: Tensor, lam: Tensor, norm_z: bool = True) 
     return 0.5 * (torch.sigmoid(lam) * big_d - err)
 
 
-def _gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
-    """Gauss-Legendre nodes and weights on [0, 1] (float64)."""
+def _gauss_legendre(n: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Gauss-Legendre nodes and weights on [0, 1] (float64, on ``device``)."""
     nodes, weights = np.polynomial.legendre.leggauss(n)
-    return torch.from_numpy(0.5 * (nodes + 1)), torch.from_numpy(0.5 * weights)
+    return torch.from_numpy(0.5 * (nodes + 1)).to(device), torch.from_numpy(0.5 * weights).to(device)
 
 
 def integrate_expected_error(
@@ -91,7 +113,7 @@ def integrate_expected_error(
 
     Composite Gauss-Legendre in log-SNR (panels of width <= 1 by default), so it is accurate to
     ~1e-10 for smooth integrands. This is how the Gaussian control variate is added back, and it tests
-    the t-integration apart from any z-noise.
+    the t-integration apart from any z-noise. Computed on ``x``'s device; the result is returned there.
 
     Args:
         expected_error: ``(x [B, *shape], t [B] float64) -> E_z ||z - eps(x_t, t)||^2`` [B].
@@ -102,22 +124,23 @@ def integrate_expected_error(
     """
     b = x.shape[0]
     d = x[0].numel()
+    dev = work_device(x)
     if panels is None:
         panels = max(1, math.ceil(lam_max - lam_min))
-    u, w = _gauss_legendre(nodes_per_panel)
-    edges = torch.linspace(lam_min, lam_max, panels + 1, dtype=torch.float64)
+    u, w = _gauss_legendre(nodes_per_panel, dev)
+    edges = torch.linspace(lam_min, lam_max, panels + 1, dtype=torch.float64, device=dev)
     width = edges[1:] - edges[:-1]
     lam = (edges[:-1, None] + width[:, None] * u[None]).flatten()
     wts = (width[:, None] * w[None]).flatten()
-    integral = torch.zeros(b, dtype=torch.float64)
-    for lam_j, w_j in zip(lam, wts, strict=True):
+    integral = torch.zeros(b, dtype=torch.float64, device=dev)
+    for lam_j, w_j in zip(lam, wts, strict=True):  # a loop over quadrature nodes, vectorised over examples
         t = torch.sigmoid(-lam_j).expand(b)
         mse = expected_error(x, t)
         integral += w_j * 0.5 * (d * torch.sigmoid(lam_j) - mse)
     noisy, clean = end_terms(x, lam_min, lam_max)
     return LogDensity(
         logp=noisy + integral + clean,
-        stderr=torch.zeros(b, dtype=torch.float64),
+        stderr=torch.zeros(b, dtype=torch.float64, device=dev),
         nfe=0.0,
         dim=d,
         terms={"noisy_end": noisy, "integral": integral, "clean_end": clean},
@@ -126,7 +149,7 @@ def integrate_expected_error(
     )
 
 
-def control_variate_integral(gauss, x: Tensor, lam_min: float, lam_max: float) -> Tensor:
+def control_variate_integral(gauss: Reference, x: Tensor, lam_min: float, lam_max: float) -> Tensor:
     """Exact ``1/2 ∫ [d sigmoid(lam) - E_z||z - eps_G||^2] dlam`` [B] of a control variate with closed-form
     denoising error (``gauss.expected_denoising_error_fn(x)`` gives it as a function of ``t``), by
     :func:`integrate_expected_error`: what the estimators add back after subtracting the control variate."""
@@ -144,175 +167,267 @@ def stratified_mean_and_var(pairs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def example_generator(seed: int, index: int, stream: int) -> torch.Generator:
-    """A ``torch.Generator`` keyed by (seed, example index, stream), so results do not depend on chunking.
+    """Deprecated: a per-example CPU ``torch.Generator``; draw through :mod:`scoredensity.rng` instead.
 
-    Every estimator draws an example's randomness from its own key; distinct ``stream`` numbers keep the
-    draws of different estimators (and of the pilot, index -1) apart."""
+    Kept for one release for the modules that still import it; the estimators no longer use it."""
+    warnings.warn(
+        "formula.example_generator is deprecated; draw through scoredensity.rng", DeprecationWarning, stacklevel=2
+    )
     h = hashlib.blake2b(f"{seed}/{index}/{stream}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
 
 
-def _resolve_control_variate(control_variate, x: Tensor) -> GaussianMixture | None:
+def resolve_control_variate(control_variate, x: Tensor) -> Reference | None:
+    """The reference model with closed-form ``eps`` that an estimator subtracts (and adds back exactly).
+
+    One meaning for every estimator:
+
+    * ``None`` / ``False``: none;
+    * ``"auto"``: the Gaussian fitted to the batch when B > d (its covariance is then estimable), else none;
+    * ``"batch"``: the Gaussian fitted to the batch;
+    * ``"prior"``: the standard normal ``N(0, I)`` (:class:`~scoredensity.mixtures.StandardNormal`);
+    * ``"batch_or_prior"``: the batch Gaussian when B > d, else ``N(0, I)`` (the divergence ELBO's default: there
+      ``N(0, I)`` cancels the O(sqrt(d)) noise of ``||eps||^2`` at low SNR; for the formula it adds variance);
+    * a single-Gaussian :class:`GaussianMixture`: used as is; a tensor of reference data: the Gaussian fitted to it.
+
+    Args:
+        x: [B, *shape] the data being evaluated.
+
+    Returns:
+        The reference on ``x``'s work device (CPU for MPS), or ``None``.
+
+    Raises:
+        ValueError: for an unknown value or a reference of the wrong dimension.
+    """
+    dev = work_device(x)
+    b, d = x.shape[0], x[0].numel()
     if control_variate is None or control_variate is False:
         return None
     if isinstance(control_variate, GaussianMixture):
         if control_variate.num_components != 1:
             raise ValueError("control_variate must be a single Gaussian (GaussianMixture with K = 1)")
-        if control_variate.dim != x[0].numel():
-            raise ValueError(f"control_variate has dimension {control_variate.dim}, data have {x[0].numel()}")
+        if control_variate.dim != d:
+            raise ValueError(f"control_variate has dimension {control_variate.dim}, data have {d}")
+        return control_variate.to(dev)
+    if isinstance(control_variate, StandardNormal):
         return control_variate
     if isinstance(control_variate, Tensor):
-        return GaussianMixture.fit_gaussian(check_data(control_variate, "control_variate data"))
-    if control_variate == "auto":
-        b, d = x.shape[0], x[0].numel()
-        return GaussianMixture.fit_gaussian(x) if b > d else None
-    if control_variate == "batch":
-        return GaussianMixture.fit_gaussian(x)
+        ref = GaussianMixture.fit_gaussian(check_data(control_variate, "control_variate data"))
+        if ref.dim != d:
+            raise ValueError(f"control_variate data have dimension {ref.dim}, data have {d}")
+        return ref.to(dev)
+    if isinstance(control_variate, str) and control_variate in CONTROL_VARIATES:
+        if control_variate == "batch" or (control_variate in ("auto", "batch_or_prior") and b > d):
+            return GaussianMixture.fit_gaussian(x).to(dev)
+        if control_variate in ("prior", "batch_or_prior"):
+            return StandardNormal()
+        return None
     raise ValueError(
-        "control_variate must be None, 'auto', 'batch', a single-Gaussian GaussianMixture or a tensor of reference data"
+        f"control_variate must be None, one of {CONTROL_VARIATES}, a single-Gaussian GaussianMixture or a tensor "
+        f"of reference data, got {control_variate!r}"
     )
 
 
 class _Evaluator:
-    """Evaluates the (control-variated) integrand on rows (example, lam, z) in memory-bounded chunks."""
+    """Evaluates the (control-variated) integrand on rows (example, lam, z) in chunks of ``max_batch`` rows."""
 
-    def __init__(self, eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress, cond=None):
+    def __init__(self, eps_fn, x, gauss, norm_z, work_dtype, max_batch, progress, cond=None, precision="fp32"):
         self.eps_fn = eps_fn
         self.cond = cond
         self.x = x
+        self.dev = work_device(x)
         self.gauss = gauss
         self.norm_z = norm_z
         self.work_dtype = work_dtype
-        self.chunk_size = chunk_size
+        self.max_batch = max_batch
         self.progress = progress
+        self.precision = precision
         self.calls = 0
 
+    def eps(self, ex_idx: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The model's ``eps`` [N, *shape] float64 (work device) at ``x_t`` [N, *shape] float64, ``t`` [N].
+
+        The network gets fresh copies of ``x_t`` and ``t`` (an ``eps_fn`` that writes into its inputs cannot
+        corrupt the estimate) and the condition rows of ``ex_idx``."""
+        outs = []
+        for sl in row_blocks(len(t), self.max_batch):
+            extra = () if self.cond is None else (self.cond[ex_idx[sl].to(self.cond.device)],)
+            x_in = x_t[sl].to(device=self.x.device, dtype=self.work_dtype, copy=True)
+            out = call_eps(self.eps_fn, x_in, t[sl].clone(), *extra, precision=self.precision)
+            outs.append(out.to(device=self.dev, dtype=torch.float64))
+        self.calls += len(t)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def __call__(self, ex_idx: Tensor, lam: Tensor, z: Tensor, desc: str = "") -> Tensor:
-        """Integrand values [N] for rows ``ex_idx`` [N], ``lam`` [N] float64, ``z`` [N, *shape]."""
+        """Integrand values [N] for rows ``ex_idx`` [N], ``lam`` [N] float64, ``z`` [N, *shape] float64."""
         n = len(ex_idx)
-        out = torch.empty(n, dtype=torch.float64)
-        starts = range(0, n, self.chunk_size)
+        out = torch.empty(n, dtype=torch.float64, device=self.dev)
+        starts = range(0, n, self.max_batch)
         bar = tqdm(starts, desc=desc, disable=not self.progress or len(starts) < 2, leave=False)
         for s in bar:
-            sl = slice(s, min(s + self.chunk_size, n))
-            lam_c = lam[sl]
+            sl = slice(s, min(s + self.max_batch, n))
+            lam_c, zc = lam[sl], z[sl]
             t = torch.sigmoid(-lam_c)
-            x0 = self.x[ex_idx[sl]].to(torch.float64)
-            zc = z[sl].to(torch.float64)
+            x0 = self.x[ex_idx[sl].to(self.x.device)].to(device=self.dev, dtype=torch.float64)
             shape = (-1,) + (1,) * (x0.dim() - 1)
-            a = torch.sigmoid(lam_c).sqrt().reshape(shape)
-            sg = t.sqrt().reshape(shape)
-            x_t = a * x0 + sg * zc
-            extra = () if self.cond is None else (self.cond[ex_idx[sl]],)
-            eps = call_eps(self.eps_fn, x_t.to(self.work_dtype), t, *extra)
-            self.calls += len(lam_c)
-            f = formula_integrand(zc, eps, lam_c, self.norm_z)
+            x_t = torch.sigmoid(lam_c).sqrt().reshape(shape) * x0 + t.sqrt().reshape(shape) * zc
+            f = formula_integrand(zc, self.eps(ex_idx[sl], x_t, t), lam_c, self.norm_z)
             if self.gauss is not None:
-                eps_g = self.gauss.eps(x_t.flatten(1), t)
-                f = f - formula_integrand(zc, eps_g, lam_c, self.norm_z)
+                f = f - formula_integrand(zc, self.gauss.eps(x_t.flatten(1), t), lam_c, self.norm_z)
             out[sl] = f
         return out
 
 
-def _check_on_grid(x: Tensor, levels: int | None) -> None:
-    """Data for a discretised decoder must lie on the grid ``2k/(L-1) - 1`` in [-1, 1]."""
-    if levels is None or levels < 2:
+def _check_on_grid(x: Tensor, levels: int | None, rows_per_block: int) -> None:
+    """Data for a discretised decoder must lie on the grid ``2k/(L-1) - 1`` in [-1, 1] (checked in blocks)."""
+    if levels is None:
         raise ValueError("decoder='discretized' needs levels >= 2 (e.g. 256 for 8-bit data)")
-    xf = x.flatten(1).to(torch.float64)
-    if xf.min() < -1 - 1e-6 or xf.max() > 1 + 1e-6:
+    levels = check_int("levels", levels, 2)
+    bad: list[int] = []
+    lo, hi = math.inf, -math.inf
+    for sl in row_blocks(x.shape[0], rows_per_block):
+        xf = x[sl].flatten(1).to(device=work_device(x), dtype=torch.float64)
+        lo, hi = min(lo, float(xf.min())), max(hi, float(xf.max()))
+        k = (xf + 1) * (levels - 1) / 2
+        off = (k - k.round()).abs().amax(1)
+        bad += (sl.start + (off > 1e-3).nonzero().flatten()).tolist()[: 10 - len(bad)]
+    if lo < -1 - 1e-6 or hi > 1 + 1e-6:
         raise ValueError(
-            f"data out of range for a discretised decoder: values in [{float(xf.min()):.4g}, "
-            f"{float(xf.max()):.4g}], expected [-1, 1]"
+            f"data out of range for a discretised decoder: values in [{lo:.4g}, {hi:.4g}], expected [-1, 1]"
         )
-    k = (xf + 1) * (levels - 1) / 2
-    off = (k - k.round()).abs().amax(1)
-    if (off > 1e-3).any():
-        rows = (off > 1e-3).nonzero().flatten()[:10].tolist()
+    if bad:
         raise ValueError(
-            f"rows {rows} are not on the grid of {levels} levels 2k/(L-1) - 1 (dequantised data? "
+            f"rows {bad} are not on the grid of {levels} levels 2k/(L-1) - 1 (dequantised data? "
             "use decoder='gaussian' for those)"
         )
 
 
-def _discretized_clean_end(
-    eps_fn: EpsFn,
-    x: Tensor,
-    lam_max: float,
-    levels: int,
-    draws: int,
-    seed: int,
-    work_dtype: torch.dtype,
-    chunk_size: int,
-    keys: Tensor,
-    cond: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Clean-end term with DDPM's discretised decoder, and its variance, per example.
+# ---------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class _Settings:
+    """The checked options of one :func:`log_density` call."""
 
-    ``E_z log P(k | x_{t_min}) - (d/2) softplus(lam_max)``: the second part removes the share of
-    ``(d/2) sigmoid(lam)`` that the integral term carries above ``lam_max``'s complement, so that the total is
-    ``log P_dec - KL - 1/2 ∫ E||z - eps||^2 dlam`` with no ``(d/2) log(2 pi e)`` counted.
-    """
-    b = x.shape[0]
-    d = x[0].numel()
-    lam = torch.tensor(lam_max, dtype=torch.float64)
-    t = torch.sigmoid(-lam)
-    a = torch.sigmoid(lam).sqrt()
-    log_sd = -0.5 * lam  # sd^2 = t / (1 - t) = e^{-lam}
-    zs = torch.stack(
-        [
-            torch.randn((draws, *x.shape[1:]), generator=example_generator(seed, i, 2), dtype=torch.float64)
-            for i in keys.tolist()
-        ]
-    )  # [B, draws, *shape]
-    x64 = x.to(torch.float64)
-    rows_x = x64.repeat_interleave(draws, 0)
-    rows_z = zs.reshape(b * draws, *x.shape[1:])
-    vals = torch.empty(b * draws, dtype=torch.float64)
-    for s in range(0, b * draws, chunk_size):
-        sl = slice(s, min(s + chunk_size, b * draws))
-        x_t = a * rows_x[sl] + t.sqrt() * rows_z[sl]
-        tt = t.expand(x_t.shape[0])
-        extra = () if cond is None else (cond.repeat_interleave(draws, 0)[sl],)
-        eps = call_eps(eps_fn, x_t.to(work_dtype), tt, *extra).to(torch.float64)
-        x0_hat = (x_t - t.sqrt() * eps) / a
-        vals[sl] = discretized_gaussian_log_likelihood(rows_x[sl], x0_hat, log_sd, levels)
-    vals = vals.reshape(b, draws)
-    term = vals.mean(1) - 0.5 * d * float(F.softplus(lam))
-    return term, vals.var(1) / draws
+    n_t: int
+    n_z: int
+    units: int  # independent z draws per node (n_z / 2 with antithetic pairs)
+    lam_min: float
+    lam_max: float
+    scheme: str
+    antithetic: bool
+    norm_z: bool
+    seed: int
+    work_dtype: torch.dtype
+    max_batch: int
+    precision: str
+    progress: bool
+    decoder: str
+    levels: int | None
+    decoder_draws: int
 
 
-def _fit_proposal(
+def _check_options(eps_fn: EpsFn, x: Tensor, cond: Tensor | None, o: dict) -> _Settings:
+    """Validate the options of :func:`log_density` (one-line errors naming the option) and resolve defaults."""
+    if o["scheme"] not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {o['scheme']!r}")
+    scheme = o["scheme"]
+    lam_min, lam_max = resolve_lam_range(eps_fn, o["lam_min"], o["lam_max"])
+    precision = check_precision(o["precision"])
+    n_t, n_z = check_int("n_t", o["n_t"]), check_int("n_z", o["n_z"])
+    max_batch = resolve_max_batch(o["max_batch"], x[0].numel(), o["chunk_size"])
+    seed = check_int("seed", o["seed"], minimum=-(1 << 63))
+    if scheme == "stratified" and n_t % 2:
+        raise ValueError("scheme='stratified' needs an even n_t (two draws per stratum for an honest stderr)")
+    if o["decoder"] not in ("gaussian", "discretized"):
+        raise ValueError(f"decoder must be 'gaussian' or 'discretized', got {o['decoder']!r}")
+    decoder_draws = check_int("decoder_draws", o["decoder_draws"])
+    if o["decoder"] == "discretized":
+        _check_on_grid(x, o["levels"], max_batch)
+        if decoder_draws < 2:
+            raise ValueError("decoder_draws must be >= 2 for a standard error")
+    if o["antithetic"] and n_z % 2:
+        raise ValueError("antithetic=True needs an even n_z")
+    units = n_z // 2 if o["antithetic"] else n_z
+    if scheme == "mc" and n_t < 2:
+        raise ValueError("scheme='mc' needs n_t >= 2 independent nodes for a standard error")
+    if scheme == "quadrature" and units < 2:
+        raise ValueError("scheme='quadrature' needs n_z >= 2 (>= 4 with antithetic) for a standard error")
+    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != x.shape[0]):
+        raise ValueError(f"cond must be a tensor with one row per example ({x.shape[0]})")
+    progress = o["progress"]
+    if progress is None:
+        progress = x.shape[0] * n_t * n_z > 4 * max_batch
+    return _Settings(
+        n_t=n_t,
+        n_z=n_z,
+        units=units,
+        lam_min=lam_min,
+        lam_max=lam_max,
+        scheme=scheme,
+        antithetic=bool(o["antithetic"]),
+        norm_z=bool(o["norm_z"]),
+        seed=seed,
+        work_dtype=torch.float64 if o["double"] else x.dtype,
+        max_batch=max_batch,
+        precision=precision,
+        progress=bool(progress),
+        decoder=o["decoder"],
+        levels=o["levels"],
+        decoder_draws=decoder_draws,
+    )
+
+
+# ---------------------------------------------------------------------------------------- the proposal
+def _pilot_proposal(
     evaluate: _Evaluator,
     b: int,
     shape: torch.Size,
-    lam_min: float,
-    lam_max: float,
+    lam_range: tuple[float, float],
     seed: int,
     pilot_examples: int,
     pilot_nodes: int,
 ) -> tuple[LambdaProposal, int]:
     """Pilot run: ``pilot_nodes`` stratified-uniform log-SNR draws on up to ``pilot_examples`` evenly spaced
-    examples; returns the fitted proposal and the number of ``eps_fn`` calls spent."""
-    pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique()
-    g = example_generator(seed, -1, 7)
-    m = len(pick)
-    u = (
-        torch.arange(pilot_nodes, dtype=torch.float64)[None]
-        + torch.rand(m, pilot_nodes, generator=g, dtype=torch.float64)
-    ) / pilot_nodes
+    examples (stream FORMULA_PILOT, keyed by the pilot slot); the fitted proposal and the ``eps_fn`` calls spent."""
+    dev = evaluate.dev
+    lam_min, lam_max = lam_range
+    pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique().to(dev)
+    slot = torch.arange(len(pick), device=dev)
+    u = rng.uniforms(seed, rng.Stream.FORMULA_PILOT, slot, pilot_nodes, device=dev)  # [m, nodes]
+    u = (torch.arange(pilot_nodes, dtype=torch.float64, device=dev)[None] + u) / pilot_nodes
     lam_p = lam_min + (lam_max - lam_min) * u.flatten()
-    z_p = torch.randn((m * pilot_nodes, *shape), generator=g, dtype=torch.float64)
+    z_p = rng.normals(seed, rng.Stream.FORMULA_PILOT, slot, (pilot_nodes, *shape), step=1, device=dev)
     ex_p = pick.repeat_interleave(pilot_nodes)
-    f_p = evaluate(ex_p, lam_p, z_p, desc="pilot")
+    f_p = evaluate(ex_p, lam_p, z_p.reshape(-1, *shape), desc="pilot")
     return LambdaProposal.fit(lam_p, f_p, lam_min, lam_max), len(ex_p)
+
+
+def _resolve_proposal(
+    importance, evaluate: _Evaluator, x: Tensor, s: _Settings, pilot_examples: int, pilot_nodes: int
+) -> tuple[LambdaProposal, int]:
+    """The log-SNR proposal of an estimate and the pilot calls it cost."""
+    if isinstance(importance, LambdaProposal):
+        if (importance.lam_min, importance.lam_max) != (s.lam_min, s.lam_max):
+            raise ValueError(
+                f"the proposal's range [{importance.lam_min}, {importance.lam_max}] differs from "
+                f"[lam_min, lam_max] = [{s.lam_min}, {s.lam_max}]"
+            )
+        return importance, 0
+    if importance == "uniform":
+        return LambdaProposal.uniform(s.lam_min, s.lam_max), 0
+    if importance == "adaptive":
+        pilot_examples = check_int("pilot_examples", pilot_examples)
+        pilot_nodes = check_int("pilot_nodes", pilot_nodes)
+        lam_range = (s.lam_min, s.lam_max)
+        return _pilot_proposal(evaluate, x.shape[0], x.shape[1:], lam_range, s.seed, pilot_examples, pilot_nodes)
+    raise ValueError(f"importance must be 'adaptive', 'uniform' or a LambdaProposal, got {importance!r}")
 
 
 def fit_proposal(
     eps_fn: EpsFn,
     x: Tensor,
     *,
-    lam_min: float = DEFAULT_LAM_RANGE[0],
-    lam_max: float = DEFAULT_LAM_RANGE[1],
+    lam_min: float | None = None,
+    lam_max: float | None = None,
     control_variate: str | GaussianMixture | Tensor | None = None,
     norm_z: bool = True,
     seed: int = 0,
@@ -320,93 +435,145 @@ def fit_proposal(
     pilot_nodes: int = 16,
     double: bool = False,
     cond: Tensor | None = None,
+    precision: str = "fp32",
+    max_batch: int | None = None,
+    chunk_size: int | None = None,
 ) -> LambdaProposal:
     """Fit the adaptive log-SNR proposal of :func:`log_density` once, to reuse across calls.
 
     Reusing one proposal makes results independent of how a data set is split into batches or processes,
     and gives common random numbers across models (e.g. the classes of a diffusion classifier). Pass the
-    same ``control_variate`` and ``norm_z`` as to :func:`log_density`.
+    same ``control_variate`` and ``norm_z`` as to :func:`log_density`. Runs under ``torch.inference_mode()``.
 
     Args:
         eps_fn: the model. x: [B, *shape] pilot examples (up to ``pilot_examples`` evenly spaced are used).
+        lam_min, lam_max, cond, precision, max_batch: as in :func:`log_density` (``chunk_size``: deprecated
+            alias of ``max_batch``).
 
     Returns:
-        A :class:`~scoredensity.proposals.LambdaProposal` on ``[lam_min, lam_max]``.
+        A :class:`~scoredensity.proposals.LambdaProposal` on ``[lam_min, lam_max]`` (CPU).
     """
     x = check_data(x)
-    gauss = _resolve_control_variate(control_variate, x)
-    work_dtype = torch.float64 if double else x.dtype
-    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, max(1, (1 << 22) // x[0].numel()), False, cond)
-    proposal, _ = _fit_proposal(evaluate, x.shape[0], x.shape[1:], lam_min, lam_max, seed, pilot_examples, pilot_nodes)
-    return proposal
+    opts = dict(locals())
+    opts.update(n_t=2, n_z=1, scheme="stratified", antithetic=False, progress=False)
+    opts.update(decoder="gaussian", levels=None, decoder_draws=2)
+    s = _check_options(eps_fn, x, cond, opts)
+    with torch.inference_mode():
+        gauss = resolve_control_variate(control_variate, x)
+        evaluate = _Evaluator(eps_fn, x, gauss, s.norm_z, s.work_dtype, s.max_batch, False, cond, s.precision)
+        proposal, _ = _resolve_proposal("adaptive", evaluate, x, s, pilot_examples, pilot_nodes)
+    return LambdaProposal(proposal.lam_min, proposal.lam_max, proposal.masses.clone())
 
 
-def _integrate_block(
-    evaluate: _Evaluator,
-    proposal: LambdaProposal,
-    idx: Tensor,
-    shape: torch.Size,
-    n_t: int,
-    n_z: int,
-    units: int,
-    scheme: str,
-    antithetic: bool,
-    seed: int,
-    keys: Tensor,
+# ---------------------------------------------------------------------------------------- the three terms
+def _node_uniforms(s: _Settings, keys: Tensor, dev: torch.device) -> Tensor:
+    """[b, n_t] float64 positions in [0, 1) of the log-SNR nodes in the proposal's CDF variable."""
+    if s.scheme == "quadrature":
+        return _gauss_legendre(s.n_t, dev)[0].expand(len(keys), s.n_t)
+    u = rng.uniforms(s.seed, rng.Stream.FORMULA_LAM, keys, s.n_t, device=dev)
+    if s.scheme == "mc":
+        return u
+    strata = s.n_t // 2
+    return (torch.arange(strata, dtype=torch.float64, device=dev).repeat_interleave(2)[None] + u) / strata
+
+
+def _integral_block(
+    evaluate: _Evaluator, proposal: LambdaProposal, idx: Tensor, keys: Tensor, shape: torch.Size, s: _Settings
 ) -> tuple[Tensor, Tensor]:
-    """Integral estimate and its variance [len(idx)] for the examples ``idx`` (randomness keyed by ``keys[idx]``)."""
+    """Integral estimate and its variance [b] for the examples ``idx`` [b] (randomness keyed by ``keys`` [b])."""
+    dev = evaluate.dev
     b = len(idx)
-    us, zs = [], []
-    for i in keys[idx].tolist():
-        g = example_generator(seed, i, 0)
-        if scheme == "stratified":
-            strata = n_t // 2
-            u = (
-                torch.arange(strata, dtype=torch.float64).repeat_interleave(2)
-                + torch.rand(n_t, generator=g, dtype=torch.float64)
-            ) / strata
-        elif scheme == "mc":
-            u = torch.rand(n_t, generator=g, dtype=torch.float64)
-        else:
-            u = _gauss_legendre(n_t)[0]
-        z = torch.randn((n_t, units, *shape), generator=g, dtype=torch.float64)
-        if antithetic:
-            z = torch.cat([z, -z], dim=1)
-        us.append(u)
-        zs.append(z)
-    u = torch.stack(us)  # [b, n_t]
-    lam = proposal.icdf(u)
-    inv_q = 1.0 / proposal.pdf(lam)  # [b, n_t]
-    z = torch.stack(zs)  # [b, n_t, n_z, *shape]
-    ex = idx.repeat_interleave(n_t * n_z)
-    lam_rows = lam.repeat_interleave(n_z, dim=1).flatten()
-    f = evaluate(ex, lam_rows, z.reshape(-1, *shape)).reshape(b, n_t, n_z)
-    if antithetic:
-        f = 0.5 * (f[:, :, :units] + f[:, :, units:])  # [b, n_t, units]
+    lam = proposal.icdf(_node_uniforms(s, keys, dev))  # [b, n_t]
+    inv_q = 1.0 / proposal.pdf(lam)
+    z = rng.normals(s.seed, rng.Stream.FORMULA_NOISE, keys, (s.n_t, s.units, *shape), device=dev)
+    if s.antithetic:
+        z = torch.cat([z, -z], dim=2)  # [b, n_t, n_z, *shape]
+    ex = idx.repeat_interleave(s.n_t * s.n_z)
+    lam_rows = lam.repeat_interleave(s.n_z, dim=1).flatten()
+    f = evaluate(ex, lam_rows, z.reshape(-1, *shape)).reshape(b, s.n_t, s.n_z)
+    if s.antithetic:
+        f = 0.5 * (f[:, :, : s.units] + f[:, :, s.units :])  # [b, n_t, units]
     g_val = f * inv_q[:, :, None]  # importance-weighted integrand per draw
-
     # combine per scheme; the variance comes from independent randomisations
-    if scheme == "stratified":
-        integral, var = stratified_mean_and_var(g_val.mean(2).reshape(b, n_t // 2, 2))
-    elif scheme == "mc":
+    if s.scheme == "stratified":
+        return stratified_mean_and_var(g_val.mean(2).reshape(b, s.n_t // 2, 2))
+    if s.scheme == "mc":
         draws = g_val.mean(2)  # the n_z draws at one node share lam: average them first
-        integral = draws.mean(1)
-        var = draws.var(1) / n_t
-    else:
-        w = _gauss_legendre(n_t)[1][None, :]
-        integral = (w * g_val.mean(2)).sum(1)
-        var = (w**2 * g_val.var(2) / units).sum(1)
+        return draws.mean(1), draws.var(1) / s.n_t
+    w = _gauss_legendre(s.n_t, dev)[1][None, :]
+    return (w * g_val.mean(2)).sum(1), (w**2 * g_val.var(2) / s.units).sum(1)
+
+
+def _integral(
+    evaluate: _Evaluator, proposal: LambdaProposal, x: Tensor, keys: Tensor, s: _Settings
+) -> tuple[Tensor, Tensor]:
+    """``1/2 ∫ [d sigmoid(lam) - E||z - eps||^2] dlam`` and its variance [B] (work device), in blocks of
+    examples of at most ``max_batch`` rows; the control variate's exact integral is added back per block."""
+    b, shape, dev = x.shape[0], x.shape[1:], evaluate.dev
+    per_block = max(1, s.max_batch // (s.n_t * s.n_z))
+    integral = torch.empty(b, dtype=torch.float64, device=dev)
+    var = torch.empty(b, dtype=torch.float64, device=dev)
+    blocks = row_blocks(b, per_block)
+    for sl in tqdm(blocks, desc="log_density", disable=not s.progress or len(blocks) < 2):
+        idx = torch.arange(sl.start, sl.stop, device=dev)
+        integral[sl], var[sl] = _integral_block(evaluate, proposal, idx, keys[sl], shape, s)
+    if evaluate.gauss is not None:  # add back the reference's exact integral, in blocks of rows
+        for sl in row_blocks(b, s.max_batch):
+            x_blk = x[sl].flatten(1).to(device=dev, dtype=torch.float64)
+            integral[sl] += control_variate_integral(evaluate.gauss, x_blk, s.lam_min, s.lam_max)
     return integral, var
 
 
+def _end_terms(x: Tensor, s: _Settings, dev: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`scoredensity.decoders.end_terms` [B] on the work device, in blocks of ``max_batch`` rows."""
+    parts = [end_terms(x[sl].to(device=dev), s.lam_min, s.lam_max) for sl in row_blocks(x.shape[0], s.max_batch)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _discretized_clean_end(evaluate: _Evaluator, x: Tensor, keys: Tensor, s: _Settings) -> tuple[Tensor, Tensor]:
+    """Clean-end term with DDPM's discretised decoder, and its variance, per example [B].
+
+    ``E_z log P(k | x_{t_min}) - (d/2) softplus(lam_max)``: the second part removes the share of
+    ``(d/2) sigmoid(lam)`` that the integral term carries above ``lam_max``'s complement, so that the total is
+    ``log P_dec - KL - 1/2 ∫ E||z - eps||^2 dlam`` with no ``(d/2) log(2 pi e)`` counted. The decoder's z are
+    ``decoder_draws`` draws of stream DECODER_NOISE per example.
+    """
+    b, shape, d, dev = x.shape[0], x.shape[1:], x[0].numel(), evaluate.dev
+    draws = s.decoder_draws
+    lam = torch.tensor(s.lam_max, dtype=torch.float64, device=dev)
+    t = torch.sigmoid(-lam)
+    a = torch.sigmoid(lam).sqrt()
+    log_sd = -0.5 * lam  # sd^2 = t / (1 - t) = e^{-lam}
+    term = torch.empty(b, dtype=torch.float64, device=dev)
+    var = torch.empty(b, dtype=torch.float64, device=dev)
+    for sl in row_blocks(b, max(1, s.max_batch // draws)):
+        n = sl.stop - sl.start
+        z = rng.normals(s.seed, rng.Stream.DECODER_NOISE, keys[sl], (draws, *shape), device=dev)
+        rows_x = x[sl].to(device=dev, dtype=torch.float64).repeat_interleave(draws, 0)
+        x_t = a * rows_x + t.sqrt() * z.reshape(n * draws, *shape)
+        ex = torch.arange(sl.start, sl.stop, device=dev).repeat_interleave(draws)
+        eps = evaluate.eps(ex, x_t, t.expand(n * draws))
+        x0_hat = (x_t - t.sqrt() * eps) / a
+        vals = discretized_gaussian_log_likelihood(rows_x, x0_hat, log_sd, s.levels).reshape(n, draws)
+        term[sl] = vals.mean(1) - 0.5 * d * float(F.softplus(lam))
+        var[sl] = vals.var(1) / draws
+    return term, var
+
+
+def _cpu(v: Tensor) -> Tensor:
+    """A normal (not inference-mode) CPU copy of a result tensor."""
+    return v.detach().to("cpu").clone()
+
+
+# ---------------------------------------------------------------------------------------- the estimator
 def log_density(
     eps_fn: EpsFn,
     x: Tensor,
     *,
     n_t: int = 128,
     n_z: int = 1,
-    lam_min: float = DEFAULT_LAM_RANGE[0],
-    lam_max: float = DEFAULT_LAM_RANGE[1],
+    lam_min: float | None = None,
+    lam_max: float | None = None,
     scheme: str = "stratified",
     importance: str | LambdaProposal = "adaptive",
     control_variate: str | GaussianMixture | Tensor | None = "auto",
@@ -423,6 +590,8 @@ def log_density(
     example_ids: Tensor | None = None,
     cond: Tensor | None = None,
     progress: bool | None = None,
+    precision: str = "fp32",
+    max_batch: int | None = None,
 ) -> LogDensity:
     """Log-density of ``x`` under the model ``eps_fn`` by the score-based density formula (DESIGN.md §2).
 
@@ -431,10 +600,11 @@ def log_density(
 
     Args:
         eps_fn: noise predictor in canonical time, ``eps_fn(x_t [N, *shape], t [N] float64) -> [N, *shape]``.
-        x: [B, *shape] data (any shape; d = elements per example). Must be finite.
+        x: [B, *shape] data (any shape; d = elements per example) on the model's device. Must be finite.
         n_t: log-SNR nodes per example (even for ``stratified``).
         n_z: noise draws per node. ``eps_fn`` calls per example = ``n_t * n_z`` (plus the shared pilot).
-        lam_min, lam_max: log-SNR range; the ends are closed by exact terms. Defaults [-20, 20]: the
+        lam_min, lam_max: log-SNR range; the ends are closed by exact terms. ``None`` (default): the range the
+            model carries as ``eps_fn.lam_range`` (a trained network from ``load_run``), else [-20, 20]: the
             truncation error is O(e^-20 * (d + |Δ log p|)), negligible for densities with feature scales
             above ~1e-3; t is passed to ``eps_fn`` in float64 so ``1 - t`` is resolved there.
         scheme: ``"stratified"`` (default; n_t/2 equal-mass strata of the proposal, two independent draws
@@ -446,15 +616,17 @@ def log_density(
             ``pilot_examples`` examples fits a piecewise-constant proposal ∝ RMS of the integrand; pilot
             values are not reused, so the estimate stays unbiased), ``"uniform"``, or a fitted
             :class:`~scoredensity.proposals.LambdaProposal` to reuse across calls.
-        control_variate: the same formula, same lam and z, on a Gaussian with closed-form ``eps``,
-            subtracted and its exact expectation added back. ``"auto"`` (default) fits it to the batch when
-            B > d, ``"batch"`` always, a tensor of reference data fits it to them, a single-Gaussian
-            :class:`GaussianMixture` is used as is, ``None`` turns it off. Never biases the result.
+        control_variate: the same formula, same lam and z, on a reference with closed-form ``eps``,
+            subtracted and its exact expectation added back; never biases the result. ``"auto"`` (default) is
+            the Gaussian fitted to the batch when B > d, else none; see :func:`resolve_control_variate` for
+            ``"batch"``, ``"prior"``, ``"batch_or_prior"``, a single-Gaussian :class:`GaussianMixture` or a
+            tensor of reference data; ``None`` turns it off.
         norm_z: use ``||z||^2`` in place of ``d`` inside the integrand (unbiased, cancels noise at high SNR).
         antithetic: draw z in pairs (z, -z) at the same lam (needs even ``n_z``; measured to help little).
-        seed: all randomness derives from (seed, example index): results do not depend on ``chunk_size``.
+        seed: key of all randomness (:mod:`scoredensity.rng`): results do not depend on ``max_batch``.
         double: hand ``x_t`` to ``eps_fn`` in float64 (else in x's dtype). ``t`` is always float64.
-        chunk_size: rows of ``x_t`` per ``eps_fn`` call (bounds memory); default ~2^22 / d.
+        chunk_size: deprecated alias of ``max_batch``.
+        pilot_examples, pilot_nodes: size of the adaptive proposal's pilot.
         decoder: the clean-end term. ``"gaussian"`` (default; continuous or dequantised data): the Gaussian
             reconstruction term of VDM, equal to the formula with ``eps = 0`` above ``lam_max``.
             ``"discretized"`` (data on ``levels`` levels scaled to [-1, 1], no dequantisation): the
@@ -468,113 +640,54 @@ def log_density(
             ``control_variate``, each example's result is then the same whatever the batching.
         cond: [B, ...] per-example condition of a conditional model (class labels, a context vector): then
             ``eps_fn`` is called as ``eps_fn(x_t, t, cond_rows)`` with the rows of ``cond`` aligned to ``x_t``.
-        progress: tqdm bar over chunks (default: when more than 4 chunks).
+        progress: tqdm bar over blocks (default: when more than 4 network calls).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: autocast of the network call only; the
+            integrand, end terms and sums stay in float64.
+        max_batch: rows of ``x_t`` per ``eps_fn`` call (bounds memory); default from a memory budget,
+            :func:`scoredensity.epsfn.default_max_batch`.
 
     Returns:
-        :class:`LogDensity` with ``logp`` and ``stderr`` [B] in nats, ``nfe`` per example and terms
-        ``noisy_end``, ``integral``, ``clean_end``.
+        :class:`LogDensity` on the CPU with ``logp`` and ``stderr`` [B] in nats, ``nfe`` per example and terms
+        ``noisy_end``, ``integral``, ``clean_end``; ``info`` records the range, precision and max_batch used.
 
-    Defaults were chosen by ``benchmarks/density_formula.py`` (see docs/benchmarks.md).
+    Defaults were chosen by ``benchmarks/density_formula.py`` (see docs/benchmarks.md). Runs under
+    ``torch.inference_mode()``: no autograd graph is kept, whatever the model.
     """
     x = check_data(x)
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if not lam_max > lam_min:
-        raise ValueError(f"need lam_max > lam_min, got [{lam_min}, {lam_max}]")
-    if not (math.isfinite(lam_min) and math.isfinite(lam_max)):
-        raise ValueError("lam_min and lam_max must be finite (the ends are closed by exact terms)")
-    if n_t < 1 or n_z < 1:
-        raise ValueError("n_t and n_z must be >= 1")
-    if scheme == "stratified" and n_t % 2:
-        raise ValueError("scheme='stratified' needs an even n_t (two draws per stratum for an honest stderr)")
-    if decoder not in ("gaussian", "discretized"):
-        raise ValueError(f"decoder must be 'gaussian' or 'discretized', got {decoder!r}")
-    if decoder == "discretized":
-        _check_on_grid(x, levels)
-        if decoder_draws < 2:
-            raise ValueError("decoder_draws must be >= 2 for a standard error")
-    if antithetic and n_z % 2:
-        raise ValueError("antithetic=True needs an even n_z")
-    units = n_z // 2 if antithetic else n_z
-    if scheme == "mc" and n_t < 2:
-        raise ValueError("scheme='mc' needs n_t >= 2 independent nodes for a standard error")
-    if scheme == "quadrature" and units < 2:
-        raise ValueError("scheme='quadrature' needs n_z >= 2 (>= 4 with antithetic) for a standard error")
-
-    b = x.shape[0]
-    shape = x.shape[1:]
-    d = x[0].numel()
-    work_dtype = torch.float64 if double else x.dtype
-    if chunk_size is None:
-        chunk_size = max(1, (1 << 22) // d)
-    total_rows = b * n_t * n_z
-    if progress is None:
-        progress = total_rows > 4 * chunk_size
-    gauss = _resolve_control_variate(control_variate, x)
-    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != b):
-        raise ValueError(f"cond must be a tensor with one row per example ({b})")
-    evaluate = _Evaluator(eps_fn, x, gauss, norm_z, work_dtype, chunk_size, progress, cond)
-    if example_ids is None:
-        keys = torch.arange(b)
-    else:
-        keys = torch.as_tensor(example_ids).long().flatten()
-        if keys.shape != (b,):
-            raise ValueError(f"example_ids must have one entry per example ({b}), got shape {tuple(keys.shape)}")
-
-    # ---- the proposal over log-SNR
-    if isinstance(importance, LambdaProposal):
-        proposal = importance
-        if (proposal.lam_min, proposal.lam_max) != (lam_min, lam_max):
-            raise ValueError("the proposal's range differs from [lam_min, lam_max]")
-        pilot_calls = 0
-    elif importance == "uniform":
-        proposal = LambdaProposal.uniform(lam_min, lam_max)
-        pilot_calls = 0
-    elif importance == "adaptive":
-        proposal, pilot_calls = _fit_proposal(evaluate, b, shape, lam_min, lam_max, seed, pilot_examples, pilot_nodes)
-    else:
-        raise ValueError(f"importance must be 'adaptive', 'uniform' or a LambdaProposal, got {importance!r}")
-
-    # ---- examples in blocks so that memory stays bounded by chunk_size rows
-    per_example = n_t * n_z
-    block = max(1, chunk_size // per_example)
-    integral = torch.empty(b, dtype=torch.float64)
-    var = torch.empty(b, dtype=torch.float64)
-    for s in tqdm(range(0, b, block), desc="log_density", disable=not progress or b <= block):
-        idx = torch.arange(s, min(s + block, b))
-        integral[idx], var[idx] = _integrate_block(
-            evaluate, proposal, idx, shape, n_t, n_z, units, scheme, antithetic, seed, keys
-        )
-
-    if gauss is not None:
-        integral = integral + control_variate_integral(gauss, x.flatten(1), lam_min, lam_max)
-    noisy, clean = end_terms(x, lam_min, lam_max)
-    nfe = n_t * n_z + pilot_calls / b
-    if decoder == "discretized":
-        clean, dec_var = _discretized_clean_end(
-            eps_fn, x, lam_max, levels, decoder_draws, seed, work_dtype, chunk_size, keys, cond
-        )
-        var = var + dec_var
-        nfe += decoder_draws
+    s = _check_options(eps_fn, x, cond, dict(locals()))
+    with torch.inference_mode():
+        keys = rng.example_keys(example_ids, x.shape[0], work_device(x))
+        gauss = resolve_control_variate(control_variate, x)
+        evaluate = _Evaluator(eps_fn, x, gauss, s.norm_z, s.work_dtype, s.max_batch, s.progress, cond, s.precision)
+        proposal, pilot_calls = _resolve_proposal(importance, evaluate, x, s, pilot_examples, pilot_nodes)
+        noisy, clean = _end_terms(x, s, evaluate.dev)
+        integral, var = _integral(evaluate, proposal, x, keys, s)
+        nfe = s.n_t * s.n_z + pilot_calls / x.shape[0]
+        if s.decoder == "discretized":
+            clean, clean_var = _discretized_clean_end(evaluate, x, keys, s)
+            var = var + clean_var
+            nfe += s.decoder_draws
     return LogDensity(
-        logp=noisy + integral + clean,
-        stderr=var.clamp_min(0).sqrt(),
+        logp=_cpu(noisy + integral + clean),
+        stderr=_cpu(var.clamp_min(0).sqrt()),
         nfe=nfe,
-        dim=d,
-        terms={"noisy_end": noisy, "integral": integral, "clean_end": clean},
+        dim=x[0].numel(),
+        terms={"noisy_end": _cpu(noisy), "integral": _cpu(integral), "clean_end": _cpu(clean)},
         method="formula",
         info={
-            "lam_min": lam_min,
-            "lam_max": lam_max,
-            "n_t": n_t,
-            "n_z": n_z,
-            "scheme": scheme,
+            "lam_min": s.lam_min,
+            "lam_max": s.lam_max,
+            "n_t": s.n_t,
+            "n_z": s.n_z,
+            "scheme": s.scheme,
             "importance": importance if isinstance(importance, str) else "proposal",
             "control_variate": gauss is not None,
-            "norm_z": norm_z,
-            "antithetic": antithetic,
-            "seed": seed,
-            "decoder": decoder,
-            "levels": levels,
+            "norm_z": s.norm_z,
+            "antithetic": s.antithetic,
+            "seed": s.seed,
+            "decoder": s.decoder,
+            "levels": s.levels,
+            "precision": s.precision,
+            "max_batch": s.max_batch,
         },
     )

@@ -132,7 +132,7 @@ class LamSampler:
         if self.kind == "ddpm":
             sched = self._ddpm = self._ddpm or DDPMSchedule()
             k = (u * sched.num_steps).floor().long().clamp(0, sched.num_steps - 1)
-            t = sched.times[k]
+            t = sched.times.to(u.device)[k]
             return torch.log1p(-t) - torch.log(t), torch.ones_like(t)  # weights unused by L_simple
         prop = self.proposal()
         lam = prop.icdf(u)
@@ -140,17 +140,20 @@ class LamSampler:
 
     # -- adaptive statistics
     def bin_stats(self, lam: Tensor, values: Tensor) -> Tensor:
-        """Per-bin ``[sum of values^2, count]`` [2, n_bins] of one batch (to be summed over processes)."""
+        """Per-bin ``[sum of values^2, count]`` [2, n_bins] float64 of one batch, on ``lam``'s device (to be
+        summed over processes)."""
         width = (self.lam_max - self.lam_min) / self.n_bins
         idx = ((lam.detach() - self.lam_min) / width).floor().long().clamp(0, self.n_bins - 1)
-        sq = torch.zeros(self.n_bins, dtype=torch.float64).index_add_(0, idx, values.detach().double() ** 2)
-        cnt = torch.zeros(self.n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(sq[idx]))
+        zeros = torch.zeros(self.n_bins, dtype=torch.float64, device=lam.device)
+        sq = zeros.index_add(0, idx, values.detach().to(device=lam.device, dtype=torch.float64) ** 2)
+        cnt = zeros.index_add(0, idx, torch.ones_like(sq[idx]))
         return torch.stack([sq, cnt])
 
     def update(self, stats: Tensor) -> None:
         """Fold one step's summed :meth:`bin_stats` into the running per-bin mean squares."""
         if self.kind != "adaptive":
             return
+        stats = stats.to(device=self.mean_sq.device, dtype=torch.float64)
         sq, cnt = stats[0], stats[1]
         has = cnt > 0
         batch_ms = sq / cnt.clamp_min(1)
@@ -259,15 +262,16 @@ def dsm_loss(
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if weighting == "elbo" and sampler.kind == "ddpm":
         raise ValueError("the 'ddpm' grid is for the simple weighting; use uniform/adaptive/t_uniform with elbo")
+    dev = torch.device("cpu") if x.device.type == "mps" else x.device  # float64 draws: on x's device
+    index = torch.as_tensor(index).to(dev)
     if sampler.low_discrepancy and position is not None and global_batch:
-        u0 = keyed_uniforms(seed, step, torch.full((1,), -1, dtype=torch.int64), 1, stream=Stream.TRAIN_LAM_SHARED)[
-            0, 0
-        ]
-        u = torch.frac(u0 + position.to(torch.float64) / global_batch)
+        shared = torch.full((1,), -1, dtype=torch.int64, device=dev)
+        u0 = rng.uniforms(seed, Stream.TRAIN_LAM_SHARED, shared, 1, step=step, device=dev)[0, 0]
+        u = torch.frac(u0 + position.to(device=dev, dtype=torch.float64) / global_batch)
     else:
-        u = keyed_uniforms(seed, step, index, 1, stream=Stream.TRAIN_LAM)[:, 0]
+        u = rng.uniforms(seed, Stream.TRAIN_LAM, index, 1, step=step, device=dev)[:, 0]
     lam, inv_q = sampler.sample(u)
-    z = keyed_normals(seed, step, index, tuple(x.shape[1:]), stream=Stream.TRAIN_NOISE)
+    z = rng.normals(seed, Stream.TRAIN_NOISE, index, tuple(x.shape[1:]), step=step, device=dev)
     if weighting == "elbo":
         loss, f = elbo_loss(eps_fn, x, lam, z, inv_q, sampler.lam_min, sampler.lam_max)
         return LossOutput(loss=loss, nll=loss.detach(), lam=lam, integrand=f)

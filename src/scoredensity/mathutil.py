@@ -107,7 +107,24 @@ def divergence(out: Tensor, y: Tensor, probes: Tensor | None = None, create_grap
 
     Returns:
         [n, B] per-probe estimates (float64), or [1, B] for the exact trace.
+
+    Raises:
+        ValueError: when the function that made ``out`` wrote into its input after using it (autograd's
+            version check), which would otherwise be a cryptic RuntimeError.
     """
+    try:
+        return _divergence(out, y, probes, create_graph)
+    except RuntimeError as e:
+        if "inplace" not in str(e):
+            raise
+        raise ValueError(
+            "eps_fn modified its input x_t in place after using it, so its divergence cannot be computed; "
+            "make eps_fn leave its inputs unchanged"
+        ) from None
+
+
+def _divergence(out: Tensor, y: Tensor, probes: Tensor | None, create_graph: bool) -> Tensor:
+    """:func:`divergence` without the translation of autograd's in-place error."""
     d = y[0].numel()
     if probes is None:
         flat_out = out.flatten(1)

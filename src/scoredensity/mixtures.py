@@ -36,8 +36,8 @@ class GaussianMixture:
 
     def __init__(self, means: Tensor, covs: Tensor, weights: Tensor):
         means = torch.as_tensor(means, dtype=torch.float64)
-        covs = torch.as_tensor(covs, dtype=torch.float64)
-        weights = torch.as_tensor(weights, dtype=torch.float64)
+        covs = torch.as_tensor(covs, dtype=torch.float64, device=means.device)
+        weights = torch.as_tensor(weights, dtype=torch.float64, device=means.device)
         if means.dim() != 2:
             raise ValueError(f"means must be [K, d], got shape {tuple(means.shape)}")
         k, d = means.shape
@@ -92,25 +92,49 @@ class GaussianMixture:
     def __repr__(self) -> str:
         return f"GaussianMixture(K={self.num_components}, d={self.dim})"
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live (and where :meth:`eps` and the densities compute)."""
+        return self.means.device
+
+    def to(self, device: torch.device | str) -> GaussianMixture:
+        """This mixture with its parameters on ``device`` (``self`` when already there; not revalidated)."""
+        dev = torch.device(device)
+        if self.means.device == dev:
+            return self
+        new = object.__new__(GaussianMixture)
+        for name in ("means", "covs", "weights", "evals", "evecs", "_proj_means"):
+            setattr(new, name, getattr(self, name).to(dev))
+        return new
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def gaussian(cls, mean: Tensor, cov: Tensor) -> GaussianMixture:
         """A single Gaussian ``N(mean, cov)``."""
         mean = torch.as_tensor(mean, dtype=torch.float64)
         cov = torch.as_tensor(cov, dtype=torch.float64)
-        return cls(mean[None], cov[None], torch.ones(1, dtype=torch.float64))
+        return cls(mean[None], cov[None], torch.ones(1, dtype=torch.float64, device=mean.device))
 
     @classmethod
-    def fit_gaussian(cls, x: Tensor, shrinkage: float = 1e-3) -> GaussianMixture:
+    def fit_gaussian(cls, x: Tensor, shrinkage: float = 1e-3, block_rows: int = 4096) -> GaussianMixture:
         """The Gaussian fitted to data ``x`` [N, *shape] (sample mean and covariance, with
-        ``shrinkage * mean(variance) * I`` added so it stays positive definite for small N)."""
-        x = torch.as_tensor(x).flatten(1).to(torch.float64)
-        n, d = x.shape
-        mean = x.mean(0)
-        xc = x - mean
-        cov = xc.T @ xc / max(n - 1, 1)
+        ``shrinkage * mean(variance) * I`` added so it stays positive definite for small N).
+
+        Computed on ``x``'s device (CPU for MPS) in float64 blocks of ``block_rows`` rows, so memory is
+        O(d^2 + block_rows d) whatever N."""
+        x = torch.as_tensor(x)
+        dev = torch.device("cpu") if x.device.type == "mps" else x.device
+        n, d = x.shape[0], x[0].numel()
+        blocks = [slice(s, min(s + block_rows, n)) for s in range(0, n, block_rows)]
+        rows = lambda sl: x[sl].flatten(1).to(device=dev, dtype=torch.float64)  # noqa: E731
+        mean = sum(rows(sl).sum(0) for sl in blocks) / n
+        cov = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        for sl in blocks:
+            xc = rows(sl) - mean
+            cov += xc.T @ xc
+        cov = cov / max(n - 1, 1)
         scale = float(cov.diagonal().mean()) if n > 1 else 1.0
-        cov = 0.5 * (cov + cov.T) + max(shrinkage * scale, 1e-12) * torch.eye(d, dtype=x.dtype)
+        cov = 0.5 * (cov + cov.T) + max(shrinkage * scale, 1e-12) * torch.eye(d, dtype=torch.float64, device=dev)
         return cls.gaussian(mean, cov)
 
     def moment_matched(self) -> GaussianMixture:
@@ -241,6 +265,34 @@ class GaussianMixture:
             return ((a2 * s / var) ** 2).sum(1) + (t * (1 - t)) * (u2 / var**2).sum(1)
 
         return error_at
+
+
+class StandardNormal:
+    """``N(0, I)`` in closed form, in any dimension and on any device, without the d x d algebra of
+    :class:`GaussianMixture`: ``eps*(y, t) = sqrt(t) y`` and ``E_z ||z - eps*||^2 = d (1-t)^2 + t (1-t) ||x||^2``.
+
+    The ``"prior"`` control variate of the estimators (:func:`scoredensity.formula.resolve_control_variate`)."""
+
+    def to(self, device: torch.device | str) -> StandardNormal:
+        """``self`` (no parameters)."""
+        return self
+
+    @staticmethod
+    def eps(y: Tensor, t: Tensor) -> Tensor:
+        """Exact ``eps*`` [B, d] of ``N(0, I)`` at ``y`` [B, d], ``t`` [B]: ``sqrt(t) y``, in ``y``'s dtype."""
+        return t.to(y.dtype).sqrt()[:, None] * y
+
+    @staticmethod
+    def expected_denoising_error(x: Tensor, t: Tensor) -> Tensor:
+        """``E_z || z - eps*(sqrt(1-t) x + sqrt(t) z, t) ||^2`` [B] float64."""
+        return StandardNormal.expected_denoising_error_fn(x)(t)
+
+    @staticmethod
+    def expected_denoising_error_fn(x: Tensor):
+        """:meth:`expected_denoising_error` at fixed ``x`` [B, *shape] as a function of ``t`` [B] alone."""
+        xf = x.flatten(1).to(torch.float64)
+        d, sq = xf.shape[1], xf.pow(2).sum(1)
+        return lambda t: d * (1 - t) ** 2 + t * (1 - t) * sq
 
 
 # ---------------------------------------------------------------------- presets

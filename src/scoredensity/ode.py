@@ -30,10 +30,19 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .epsfn import EpsFn, call_eps, check_data
-from .formula import example_generator
+from . import rng
+from .epsfn import (
+    EpsFn,
+    call_eps,
+    check_data,
+    check_int,
+    check_precision,
+    default_max_batch,
+    resolve_lam_range,
+    resolve_max_batch,
+)
 from .logdensity import LogDensity
-from .mathutil import PROBES, divergence, make_probes, reverse_drift, reverse_drift_divergence, std_normal_logp
+from .mathutil import PROBES, divergence, reverse_drift, reverse_drift_divergence, std_normal_logp
 
 __all__ = ["ode_log_likelihood", "ODESolverError", "ADAPTIVE_METHODS", "FIXED_METHODS"]
 
@@ -86,11 +95,15 @@ def ode_log_likelihood(
     probe: str = "rademacher",
     n_probes: int = 1,
     seed: int = 0,
-    lam_min: float = -20.0,
-    lam_max: float = 20.0,
+    lam_min: float | None = None,
+    lam_max: float | None = None,
     steps: int | None = None,
     max_num_steps: int = 10_000,
     example_ids: Tensor | None = None,
+    cond: Tensor | None = None,
+    precision: str = "fp32",
+    max_batch: int | None = None,
+    chunk_size: int | None = None,
 ) -> LogDensity:
     """Log-likelihood of ``x`` under the probability-flow ODE model of ``eps_fn`` (nats per example).
 
@@ -111,12 +124,18 @@ def ode_log_likelihood(
             error is itself noisy (z-scores follow a Student t with ``n_probes - 1`` degrees of freedom; in
             d = 2 Rademacher probes take two values, so it can even be 0): use >= 8 probes for error bars.
         seed: seeds the probes (keyed by example index).
-        lam_min, lam_max: the prior sits at ``lam_min``, the data at ``lam_max``.
+        lam_min, lam_max: the prior sits at ``lam_min``, the data at ``lam_max``; ``None``: the model's own
+            ``eps_fn.lam_range``, else [-20, 20].
         steps: fixed uniform grid in log-SNR with this many steps (identical call counts on every process).
         max_num_steps: cap of the adaptive solver; exceeding it raises :class:`ODESolverError`.
         example_ids: [B] integer keys of the examples' probes (default ``0..B-1``; pass global indices when
             evaluating in batches or shards). The adaptive step size is shared by the batch, so only fixed-grid
             results (``steps=``) are exactly independent of the batching.
+        cond: [B, ...] per-example condition: ``eps_fn(x_t, t, cond)``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the network only (the state, the trace
+            accumulator and the prior stay float64).
+        max_batch: examples solved together (one ODE per block; the graph of each call is freed after its
+            vjps). Default from a memory budget. ``chunk_size``: deprecated alias.
 
     ``x`` may live on any device (``eps_fn`` is called there); the result is on the CPU.
 
@@ -132,65 +151,44 @@ def ode_log_likelihood(
         raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}")
     if trace == "hutchinson" and probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
-    if n_probes < 1:
-        raise ValueError(f"n_probes must be >= 1, got {n_probes}")
+    n_probes = check_int("n_probes", n_probes)
+    max_num_steps = check_int("max_num_steps", max_num_steps)
+    steps = check_int("steps", steps, allow_none=True)
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
-    if not (math.isfinite(lam_min) and math.isfinite(lam_max)) or not lam_max > lam_min:
-        raise ValueError(f"need finite lam_min < lam_max, got [{lam_min}, {lam_max}]")
+    lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
+    precision = check_precision(precision)
     b, d = x.shape[0], x[0].numel()
-    keys = torch.arange(b) if example_ids is None else torch.as_tensor(example_ids).long().flatten().cpu()
-    if keys.shape != (b,):
-        raise ValueError(f"example_ids must have one entry per example ({b}), got shape {tuple(keys.shape)}")
-    probes = None
-    if trace == "hutchinson":
-        probes = torch.stack(
-            [
-                make_probes(x[i : i + 1], n_probes, probe, example_generator(seed, int(k), 3))[:, 0]
-                for i, k in enumerate(keys.tolist())
-            ],
-            dim=1,
-        ).to(torch.float64)  # [n, B, *shape]
-    n_acc = 1 if probes is None else n_probes
-    calls = [0]
-
-    def func(lam: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        y, _ = state
-        # torchdiffeq's initial-step probe may look past the range (where t rounds to 1): clamp
-        lam_b = lam.to(torch.float64).clamp(lam_min, lam_max).expand(b)
-        t = torch.sigmoid(-lam_b)
-        with torch.enable_grad():
-            y_ = y.detach().requires_grad_(True)
-            eps = call_eps(eps_fn, y_.to(x.dtype), t)
-            div_eps = divergence(eps, y_, probes)  # [n_acc, B]
-        calls[0] += 1
-        dy = reverse_drift(y, eps.detach(), lam_b, eta=0.0)
-        dc = reverse_drift_divergence(div_eps, lam_b, d, eta=0.0)
-        return dy, dc
-
-    y0 = x.detach().to(torch.float64)
-    c0 = torch.zeros(n_acc, b, dtype=torch.float64, device=x.device)
-    y_end, c_end = solve_ode(
-        func,
-        (y0, c0),
-        (lam_max, lam_min),
-        rtol=rtol,
-        atol=atol,
-        method=method,
-        steps=steps,
-        max_num_steps=max_num_steps,
-    )
-    prior = std_normal_logp(y_end).cpu()
-    c_end = c_end.cpu()
+    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != b):
+        raise ValueError(f"cond must be a tensor with one row per example ({b})")
+    keys = rng.example_keys(example_ids, b, x.device)
+    if max_batch is None and chunk_size is None:
+        max_batch = default_max_batch(d, copies=32)  # autograd keeps one call's graph: a smaller default
+    max_batch = resolve_max_batch(max_batch, d, chunk_size)
+    solve = dict(rtol=rtol, atol=atol, method=method, steps=steps, max_num_steps=max_num_steps)
+    n_acc = n_probes if trace == "hutchinson" else 1
+    priors, ends, calls = [], [], []
+    for s in range(0, b, max_batch):
+        sl = slice(s, min(s + max_batch, b))
+        probes = None
+        if trace == "hutchinson":
+            probes = _probes(seed, keys[sl], x[sl], n_probes, probe)
+        c = None if cond is None else cond[sl]
+        prior_i, c_end_i, calls_i = _solve_block(eps_fn, x[sl], c, probes, (lam_min, lam_max), precision, solve)
+        priors.append(prior_i)
+        ends.append(c_end_i)
+        calls.append(calls_i * (sl.stop - sl.start))
+    prior = torch.cat(priors)
+    c_end = torch.cat(ends, dim=1)  # [n_acc, B]
     flow = c_end.mean(0)
     if n_acc > 1:
         stderr = c_end.std(0) / math.sqrt(n_acc)
-    elif probes is not None:
+    elif trace == "hutchinson":
         stderr = torch.full((b,), float("nan"), dtype=torch.float64)
     else:
         stderr = torch.zeros(b, dtype=torch.float64)
-    nfe = float(calls[0])
-    vjp = nfe * (d if probes is None else n_probes)
+    nfe = sum(calls) / b  # forward calls per example (each block has its own adaptive steps)
+    vjp = nfe * (d if trace == "exact" else n_probes)
     return LogDensity(
         logp=prior + flow,
         stderr=stderr,
@@ -206,10 +204,63 @@ def ode_log_likelihood(
             "method": method if steps is None else (method if method in FIXED_METHODS else "rk4"),
             "steps": steps,
             "trace": trace,
-            "probe": probe if probes is not None else None,
-            "n_probes": n_probes if probes is not None else 0,
+            "probe": probe if trace == "hutchinson" else None,
+            "n_probes": n_probes if trace == "hutchinson" else 0,
             "seed": seed,
             "vjp": vjp,
             "cost": nfe + vjp,
+            "precision": precision,
+            "max_batch": max_batch,
         },
     )
+
+
+def _probes(seed: int, keys: Tensor, like: Tensor, n: int, kind: str) -> Tensor:
+    """Hutchinson probes [n, B, *shape] float64 on ``like``'s device, keyed by (seed, ODE_PROBE, example key)."""
+    draw = rng.rademacher if kind == "rademacher" else rng.normals
+    v = draw(seed, rng.Stream.ODE_PROBE, keys, (n, *like.shape[1:]), device=like.device)  # [B, n, *shape]
+    return v.to(like.device).transpose(0, 1)
+
+
+def _solve_block(
+    eps_fn: EpsFn,
+    x: Tensor,
+    cond: Tensor | None,
+    probes: Tensor | None,
+    lam_range: tuple[float, float],
+    precision: str,
+    solve: dict,
+) -> tuple[Tensor, Tensor, int]:
+    """Solve the probability-flow ODE with its trace for one block of examples.
+
+    Args:
+        x: [B, *shape] data. cond: [B, ...] or None. probes: [n, B, *shape] or None (exact trace).
+
+    Returns:
+        ``(prior [B], c_end [n_acc, B], calls)`` on the CPU (float64) and the number of ``eps_fn`` calls.
+    """
+    lam_min, lam_max = lam_range
+    b, d = x.shape[0], x[0].numel()
+    n_acc = 1 if probes is None else probes.shape[0]
+    extra = () if cond is None else (cond,)
+    calls = [0]
+
+    def func(lam: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        y, _ = state
+        # torchdiffeq's initial-step probe may look past the range (where t rounds to 1): clamp
+        lam_b = lam.to(torch.float64).clamp(lam_min, lam_max).expand(b)
+        t = torch.sigmoid(-lam_b)
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_(True)
+            # the network gets a copy (a non-leaf): writing into it cannot corrupt the state
+            eps = call_eps(eps_fn, y_.to(x.dtype, copy=True), t.clone(), *extra, precision=precision)
+            div_eps = divergence(eps, y_, probes).detach()  # [n_acc, B]; the graph is freed here
+        calls[0] += 1
+        dy = reverse_drift(y, eps.detach(), lam_b, eta=0.0)
+        dc = reverse_drift_divergence(div_eps, lam_b, d, eta=0.0)
+        return dy, dc
+
+    y0 = x.detach().to(torch.float64)
+    c0 = torch.zeros(n_acc, b, dtype=torch.float64, device=x.device)
+    y_end, c_end = solve_ode(func, (y0, c0), (lam_max, lam_min), **solve)
+    return std_normal_logp(y_end).detach().cpu(), c_end.detach().cpu(), calls[0]

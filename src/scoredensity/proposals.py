@@ -52,19 +52,20 @@ class LambdaProposal:
         return (self.lam_max - self.lam_min) / self.n_bins
 
     def icdf(self, u: Tensor) -> Tensor:
-        """Map ``u`` in [0, 1) to log-SNR by the exact inverse CDF (float64, same shape as ``u``)."""
+        """Map ``u`` in [0, 1) to log-SNR by the exact inverse CDF (float64, same shape and device as ``u``)."""
         u = torch.as_tensor(u, dtype=torch.float64)
-        cdf = torch.cat([self.masses.new_zeros(1), torch.cumsum(self.masses, 0)])
+        masses = self.masses.to(u.device)
+        cdf = torch.cat([masses.new_zeros(1), torch.cumsum(masses, 0)])
         cdf[-1] = 1.0
         idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp(1, self.n_bins) - 1
-        frac = ((u - cdf[idx]) / self.masses[idx]).clamp(0.0, 1.0)
+        frac = ((u - cdf[idx]) / masses[idx]).clamp(0.0, 1.0)
         return self.lam_min + (idx.to(torch.float64) + frac) * self.width
 
     def pdf(self, lam: Tensor) -> Tensor:
-        """Density ``q(lam)`` (float64); lam outside the range gets the edge bin's density."""
+        """Density ``q(lam)`` (float64, on ``lam``'s device); lam outside the range gets the edge bin's density."""
         lam = torch.as_tensor(lam, dtype=torch.float64)
         idx = ((lam - self.lam_min) / self.width).floor().long().clamp(0, self.n_bins - 1)
-        return self.masses[idx] / self.width
+        return self.masses.to(lam.device)[idx] / self.width
 
     @classmethod
     def fit(
@@ -84,9 +85,12 @@ class LambdaProposal:
             n_bins: number of bins.
             floor: fraction of mass spread uniformly, so that ``q > 0`` everywhere (keeps the
                 importance weights bounded by ``n_bins / floor`` times the uniform ones).
+
+        Returns:
+            The proposal, its masses on the CPU (pilot values from any device are moved there).
         """
-        lam = torch.as_tensor(lam, dtype=torch.float64).flatten()
-        values = torch.as_tensor(values, dtype=torch.float64).flatten()
+        lam = torch.as_tensor(lam, dtype=torch.float64).flatten().cpu()
+        values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
         width = (lam_max - lam_min) / n_bins
         idx = ((lam - lam_min) / width).floor().long().clamp(0, n_bins - 1)
         sq = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, values**2)

@@ -50,6 +50,7 @@ class Stream(enum.IntEnum):
     DDPM_NOISE = 29  # DDPM ELBO: z at each step
     DDPM_PILOT = 30  # DDPM ELBO: pilot of the step proposal
     DEQUANT = 31  # dequantisation noise of evaluated data
+    ELBO_NOISE = 32  # divergence ELBO: z at each node
 
 
 def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[int, int]) -> tuple[Tensor, ...]:

@@ -1,0 +1,243 @@
+"""The estimators at scale: one vocabulary (precision, max_batch, cond, lam range), keyed noise, bounded memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scoredensity.elbo import elbo
+from scoredensity.formula import fit_proposal, log_density, resolve_control_variate
+from scoredensity.logdensity import LogDensity
+from scoredensity.mixtures import GaussianMixture, StandardNormal, mixture_preset
+from scoredensity.nets import MLPDenoiser
+from scoredensity.ode import ode_log_likelihood
+from scoredensity.proposals import LambdaProposal
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ring(n: int, seed: int = 0) -> tuple:
+    gm = mixture_preset("ring8")
+    return gm, gm.sample(n, generator=_gen(seed)).float().to("cpu")
+
+
+ESTIMATORS = {
+    "log_density": lambda f, x, **kw: log_density(f, x, n_t=16, **kw),
+    "elbo": lambda f, x, **kw: elbo(f, x, n_t=16, **kw),
+    "ode": lambda f, x, **kw: ode_log_likelihood(f, x, steps=8, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_info_reports_range_precision_and_max_batch(name):
+    gm, x = _ring(12)
+    r = ESTIMATORS[name](gm.eps, x, max_batch=50, precision="bf16")
+    assert (r.info["lam_min"], r.info["lam_max"]) == (-20.0, 20.0)
+    assert r.info["precision"] == "bf16" and r.info["max_batch"] == 50
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_model_lam_range_is_the_default_and_reported(name):
+    gm, x = _ring(8)
+
+    class Trained:
+        lam_range = (-12.0, 12.0)
+
+        def __call__(self, x_t, t):
+            return gm.eps(x_t, t)
+
+    r = ESTIMATORS[name](Trained(), x)
+    assert (r.info["lam_min"], r.info["lam_max"]) == (-12.0, 12.0)
+    r = ESTIMATORS[name](Trained(), x, lam_min=-5.0)
+    assert (r.info["lam_min"], r.info["lam_max"]) == (-5.0, 12.0)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+@pytest.mark.parametrize("kw", [{"max_batch": 0}, {"max_batch": -1}, {"max_batch": 2.5}, {"precision": "fp8"}])
+def test_bad_options_raise_naming_the_option(name, kw):
+    gm, x = _ring(4)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        ESTIMATORS[name](gm.eps, x, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_chunk_size_is_a_deprecated_alias_and_validated(name):
+    gm, x = _ring(4)
+    with pytest.warns(DeprecationWarning, match="chunk_size"), pytest.raises(ValueError, match="max_batch"):
+        ESTIMATORS[name](gm.eps, x, chunk_size=-1)
+    with pytest.warns(DeprecationWarning, match="chunk_size"):
+        r = ESTIMATORS[name](gm.eps, x, chunk_size=7)
+    assert r.info["max_batch"] == 7
+
+
+def test_fit_proposal_takes_the_same_options():
+    gm, x = _ring(16)
+    p = fit_proposal(gm.eps, x, max_batch=10, precision="bf16")
+    assert (p.lam_min, p.lam_max) == (-20.0, 20.0)
+    with pytest.raises(ValueError, match="pilot_nodes"):
+        fit_proposal(gm.eps, x, pilot_nodes=0)
+
+
+# ---------------------------------------------------------------------------------------- keyed noise
+def _std_normal_eps(x_t, t):
+    """Exact eps of N(0, I), elementwise: its output for a row does not depend on the other rows of the call."""
+    return StandardNormal.eps(x_t.flatten(1), t).reshape(x_t.shape)
+
+
+SPLIT_ESTIMATORS = {
+    "log_density": lambda x, **kw: log_density(
+        _std_normal_eps, x, n_t=8, n_z=2, importance=LambdaProposal.uniform(-20.0, 20.0), control_variate=None, **kw
+    ),
+    "log_density_discretized": lambda x, **kw: log_density(
+        _std_normal_eps,
+        x,
+        n_t=8,
+        importance=LambdaProposal.uniform(-20.0, 20.0),
+        control_variate=None,
+        decoder="discretized",
+        levels=17,
+        **kw,
+    ),
+    "elbo": lambda x, **kw: elbo(
+        _std_normal_eps, x, n_t=8, n_probes=2, importance=LambdaProposal.uniform(-20, 20), control_variate=None, **kw
+    ),
+    "ode": lambda x, **kw: ode_log_likelihood(
+        _std_normal_eps, x, steps=4, trace="hutchinson", n_probes=2, probe="gaussian", **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_ESTIMATORS))
+def test_noise_bit_identical_across_batch_chunk_and_shard(name):
+    """Every draw is keyed by (seed, stream, example id): splitting the data set into shards with global ids, or
+    the calls into chunks of max_batch rows, changes no bit of any example's result."""
+    k = torch.randint(0, 17, (11, 1, 2, 2), generator=_gen(3), device="cpu")
+    x = (2 * k.float() / 16 - 1).to("cpu")
+    est = SPLIT_ESTIMATORS[name]
+    whole = est(x, seed=9)
+    assert whole.logp.device.type == "cpu" and whole.logp.dtype == torch.float64
+    chunked = est(x, seed=9, max_batch=3)
+    shards = [est(x[s : s + 4], seed=9, example_ids=torch.arange(s, min(s + 4, 11)), max_batch=5) for s in (0, 4, 8)]
+    for other in (chunked, LogDensity.cat(shards)):
+        assert torch.equal(other.logp, whole.logp)
+        # the variance's reductions may round differently for other row counts: equal to the last few ulps
+        assert torch.allclose(other.stderr, whole.stderr, rtol=1e-12, atol=0)
+    assert not torch.equal(est(x, seed=10).logp, whole.logp)  # the seed is the key
+
+
+def test_noise_is_drawn_in_blocks_not_for_the_whole_data_set(monkeypatch):
+    """No [B, n_t, d] draw for the whole data set: every normal draw covers at most max_batch rows (or one
+    example's n_t * n_z rows when that is more), and every network call at most max_batch rows."""
+    from scoredensity import rng
+
+    sizes, rows = [], []
+    real = rng.normals
+
+    def spy(seed, stream, index, shape, **kw):
+        sizes.append(len(torch.as_tensor(index)) * math.prod(shape[:-1]))  # rows of d = 2 elements
+        return real(seed, stream, index, shape, **kw)
+
+    def eps(x_t, t):
+        rows.append(x_t.shape[0])
+        return _std_normal_eps(x_t, t)
+
+    monkeypatch.setattr(rng, "normals", spy)
+    gm, x = _ring(300)
+    k = torch.randint(0, 17, (300, 2), generator=_gen(4), device="cpu")
+    xk = 2 * k.float() / 16 - 1
+    log_density(eps, xk, n_t=8, max_batch=64, importance="uniform", decoder="discretized", levels=17)
+    assert max(rows) <= 64 and max(sizes) <= 64
+    sizes.clear(), rows.clear()
+    elbo(eps, x, n_t=8, max_batch=64, importance="uniform")
+    assert max(rows) <= 64 and max(sizes) <= 64
+    sizes.clear(), rows.clear()
+    log_density(eps, x, n_t=8, max_batch=64, pilot_examples=8, pilot_nodes=16)  # the pilot: a fixed size
+    assert max(rows) <= 64 and max(sizes) <= 8 * 16
+
+
+# ---------------------------------------------------------------------------------------- no graph kept
+def _trainable_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = MLPDenoiser([2], hidden=16, blocks=1, emb_dim=8).to("cpu")
+    assert all(p.requires_grad for p in net.parameters())
+    return net
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_results_carry_no_graph_on_a_trainable_module(name):
+    _, x = _ring(6)
+    r = ESTIMATORS[name](_trainable_mlp(), x)
+    for v in (r.logp, r.stderr, *r.terms.values()):
+        assert v.requires_grad is False and v.grad_fn is None and v.device.type == "cpu"
+    v = r.logp.clone()
+    v += 1  # a plain tensor, not an inference-mode one
+    p = fit_proposal(_trainable_mlp(), x)
+    assert p.masses.requires_grad is False
+
+
+# ---------------------------------------------------------------------------------------- hostile eps_fn
+def _writes_into_input(gm):
+    def eps(x_t, t):
+        out = gm.eps(x_t, t)
+        x_t.zero_()  # after use: corrupts the estimate if the estimator reuses x_t
+        t.fill_(0.5)
+        return out
+
+    return eps
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_eps_fn_writing_into_its_input_cannot_corrupt_the_formula(double):
+    gm, x = _ring(10)
+    x = x.double() if double else x
+    kw = dict(n_t=16, seed=2, double=double, control_variate="batch")
+    assert torch.equal(log_density(_writes_into_input(gm), x, **kw).logp, log_density(gm.eps, x, **kw).logp)
+    k = torch.randint(0, 17, (10, 2), generator=_gen(4), device="cpu")
+    xk = 2 * k.float() / 16 - 1
+    kw = dict(n_t=16, seed=2, decoder="discretized", levels=17, lam_max=8.0)
+    assert torch.equal(log_density(_writes_into_input(gm), xk, **kw).logp, log_density(gm.eps, xk, **kw).logp)
+
+
+@pytest.mark.parametrize("name", ["elbo", "ode"])
+def test_eps_fn_writing_into_its_input_cannot_corrupt_elbo_or_ode(name):
+    """The network gets a copy of x_t: writing into it leaves the estimate intact; when the write breaks the
+    autograd graph the divergence needs, the error is one line saying so."""
+    gm, x = _ring(5)
+    for xx in (x, x.double()):
+        assert torch.equal(ESTIMATORS[name](_writes_into_input(gm), xx).logp, ESTIMATORS[name](gm.eps, xx).logp)
+
+    def square_then_write(x_t, t):
+        out = 0.1 * x_t * x_t  # autograd saves x_t for the divergence
+        x_t.zero_()
+        return out
+
+    with pytest.raises(ValueError, match="in place"):
+        ESTIMATORS[name](square_then_write, x)
+
+
+# ---------------------------------------------------------------------------------------- one vocabulary
+def test_control_variate_auto_means_the_same_for_formula_and_elbo():
+    gm, x = _ring(3)  # B > d: the batch Gaussian in both
+    small = torch.zeros(2, 4, device="cpu").normal_(generator=_gen(1))  # B <= d: none in both
+    for data, expect in ((x, True), (small, False)):
+        eps = gm.eps if data.shape[1] == 2 else _std_normal_eps
+        assert log_density(eps, data, n_t=4, control_variate="auto").info["control_variate"] is expect
+        assert elbo(eps, data, n_t=4, control_variate="auto").info["control_variate"] is expect
+        assert isinstance(resolve_control_variate("auto", data), GaussianMixture) is expect
+    assert isinstance(resolve_control_variate("batch_or_prior", small), StandardNormal)
+    assert elbo(_std_normal_eps, small, n_t=4).info["control_variate"] is True  # elbo's default: batch_or_prior
+    with pytest.raises(ValueError, match="control_variate"):
+        resolve_control_variate("magic", x)
+
+
+def test_example_generator_is_deprecated():
+    from scoredensity.formula import example_generator
+
+    with pytest.warns(DeprecationWarning, match="rng"):
+        example_generator(0, 1, 2)
