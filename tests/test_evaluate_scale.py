@@ -46,7 +46,7 @@ def _pipeline(path, channels):
 
 
 def _eval_cli(capsys, *args) -> dict:
-    rc = main(["evaluate", *map(str, args), "--n-t", "4", "--ddpm-steps", "2", "--json", "--no-progress"])
+    rc = main(["evaluate", *map(str, args), "--n-t", "4", "--ddpm-steps", "4", "--json", "--no-progress"])
     assert rc == 0
     return json.loads(capsys.readouterr().out)
 
@@ -144,3 +144,45 @@ def test_bf16_agrees_with_fp32_within_the_stated_error():
         assert ra["bpd"] != rb["bpd"], m  # the autocast did change the network's arithmetic
         # same noise on both sides: the difference is the network's rounding, far below the estimator's error
         assert abs(ra["bpd"] - rb["bpd"]) < 2 * ra["bpd_estimator_stderr"], m
+
+
+def test_convention_is_applied_named_and_listed(tmp_path, capsys):
+    from scoredensity.conventions import get_convention
+    from scoredensity.ddpm import ddpm_elbo
+    from scoredensity.image_eval import _round_keys
+
+    eps = DiffusersEps(tiny_unet(channels=1), SCHED)
+    images = torch.randint(0, 256, (6, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    res = evaluate_images(eps, images, methods=("ddpm",), convention="ddpm", ddpm_steps=None, progress=False)
+    assert res["convention"] == get_convention("ddpm").as_dict()
+    r = res["methods"]["ddpm"]
+    assert r["convention"] == "ddpm" and r["variance"] == "fixed_large"  # the paper's, not the model's fixed_small
+    # the same figure as the published bound computed directly with the convention (same keyed noise)
+    x = 2 * images.double() / 255 - 1
+    direct = ddpm_elbo(
+        eps, x.float(), schedule=eps.schedule, convention="ddpm", example_ids=_round_keys(torch.arange(6), 0)
+    )
+    bpd = float((-direct.logp / (64 * math.log(2))).mean())
+    assert r["bpd"] == pytest.approx(bpd, abs=1e-5)
+    # another convention changes the figure (posterior decoder variance and clipping vs the library's defaults)
+    own = evaluate_images(eps, images, methods=("ddpm",), convention="scoredensity", ddpm_steps=None, progress=False)
+    assert own["convention"]["name"] == "scoredensity" and own["methods"]["ddpm"]["bpd"] != r["bpd"]
+    with pytest.raises(ValueError, match="DDPM bound only"):
+        evaluate_images(eps, images, convention="ddpm", progress=False)
+    with pytest.raises(ValueError, match="not available in the image evaluation"):
+        evaluate_images(eps, images, convention="score-sde", progress=False)
+    with pytest.raises(ValueError, match="unknown convention"):
+        evaluate_images(eps, images, convention="nope", progress=False)
+    # the CLI: --convention picks the DDPM method and the JSON lists every choice
+    import diffusers
+
+    diffusers.DDPMPipeline(unet=tiny_unet(channels=1), scheduler=diffusers.DDPMScheduler(**SCHED)).save_pretrained(
+        tmp_path / "p"
+    )
+    np.save(tmp_path / "x.npy", images[:, 0].numpy().astype(np.uint8))
+    out = _eval_cli(
+        capsys, "--diffusers", tmp_path / "p", "--images", tmp_path / "x.npy", "--convention", "improved-diffusion"
+    )
+    assert list(out["methods"]) == ["ddpm"] and out["convention"]["name"] == "improved-diffusion"
+    assert {"decoder_variance", "clip_denoised", "cdf", "bin_width", "bits_offset"} <= set(out["convention"])
+    assert out["methods"]["ddpm"]["convention"] == "improved-diffusion+variance=fixed_small"  # the model's own

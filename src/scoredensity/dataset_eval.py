@@ -19,7 +19,7 @@ from . import rng
 from .epsfn import PRECISIONS, check_int
 from .eval_store import ResultStore, evaluate_rounds, round_stats
 from .formula import fit_proposal, log_density
-from .image_eval import _round_keys, _scale_kwargs, model_device
+from .image_eval import _round_keys, model_device
 from .mixtures import GaussianMixture
 
 __all__ = ["evaluate_dataset", "DATASET_KEYS"]
@@ -109,9 +109,8 @@ def evaluate_dataset(
     ref_ids = torch.arange(min(n, _REFERENCE))
     x_ref = _model_inputs(dataset, xs_all[ref_ids], ref_ids, seed, 0, device)
     gauss = GaussianMixture.fit_gaussian(x_ref.flatten(1).double().cpu()) if len(ref_ids) > d else None
-    eps_fn, fit_kw = _scale_kwargs(fit_proposal, model, precision, None)
     proposal = fit_proposal(
-        eps_fn,
+        model,
         x_ref,
         lam_min=lam_min,
         lam_max=lam_max,
@@ -119,16 +118,15 @@ def evaluate_dataset(
         seed=seed,
         pilot_examples=_PILOT_EXAMPLES,
         pilot_nodes=_PILOT_NODES,
-        **fit_kw,
+        precision=precision,
     )
     pilot_nfe = min(len(ref_ids), _PILOT_EXAMPLES) * _PILOT_NODES / n
-    fn, kw = _scale_kwargs(log_density, model, precision, max_batch)
 
     def compute_round(r: int):
         def block(ids: Tensor) -> dict[str, Tensor]:
             x = _model_inputs(dataset, xs_all[ids], ids, seed, r, device)
             ld = log_density(
-                fn,
+                model,
                 x,
                 n_t=n_t,
                 n_z=n_z,
@@ -139,7 +137,8 @@ def evaluate_dataset(
                 control_variate=gauss,
                 example_ids=_round_keys(ids, r),
                 progress=False,
-                **kw,
+                precision=precision,
+                max_batch=max_batch,
             )
             logp = ld.logp.detach().double().cpu()
             x_cpu = x.cpu()
