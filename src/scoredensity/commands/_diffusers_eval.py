@@ -43,7 +43,11 @@ def add_diffusers_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="how continuous t maps to the model's timesteps (default: interpolated when possible)",
     )
-    g.add_argument("--convention", default=None, help="a published evaluation convention (see docs/conventions.md)")
+    g.add_argument(
+        "--convention",
+        default=None,
+        help="a published evaluation convention: ddpm, improved-diffusion or scoredensity (docs/conventions.md)",
+    )
 
 
 def _model_geometry(eps) -> tuple[int, tuple[int, int] | None]:
