@@ -64,7 +64,7 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
-    for n in (1000, 100000):
+    for n in (1000, 10000, 100000):
         cmd = [py, "-m", "scoredensity", "evaluate", str(run), "--n", str(n), "--n-t", "8"]
         mib, wall, out = peak(cmd + ["--threads", "1", "--no-progress", "--json"])
         res = json.loads(out)
@@ -107,10 +107,10 @@ def main() -> None:
         f"{datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}, load average before the run "
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (a shared 2-core machine: wall times are not speeds).",
         "",
-        "The examples are streamed in blocks (`--batch-size`, default 2^16/d examples, 16 images) and each "
-        "block's per-example results are kept as a few float64 numbers, so the peak is the imports, the model and "
-        "one block, whatever the number of examples (the data set itself is held as loaded: 100 000 2-D points "
-        "are 0.8 MB).",
+        "The examples are streamed in blocks (`--batch-size`: run folders about 2^14 network rows, i.e. 2048 "
+        "examples at `--n-t 8`; images 16) and each block's per-example results are kept as a few float64 "
+        "numbers, so the peak is the imports, the model and one block, whatever the number of examples beyond one "
+        "block (the data set itself is held as loaded: 100 000 2-D points are 0.8 MB).",
         "",
         "| what | examples | peak RSS (MiB) | wall (s) | figure |",
         "|---|---|---|---|---|",
