@@ -74,7 +74,8 @@ def test_resume_refuses_other_settings_or_data(run_dir, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["evaluate", str(run_dir), "--n", "40", "--n-t", "8", "--out", str(out), "--resume"]) == 2
     assert "n_t: 4 there, 8 now" in capsys.readouterr().err
-    assert main(["evaluate", str(run_dir), "--n", "40", "--n-t", "4", "--out", str(out), "--resume", "--seed", "1"]) == 2
+    other_seed = ["evaluate", str(run_dir), "--n", "40", "--n-t", "4", "--out", str(out), "--resume", "--seed", "1"]
+    assert main(other_seed) == 2
     assert "seed" in capsys.readouterr().err
     assert main(["evaluate", str(run_dir), "--n", "40", "--resume"]) == 2
     assert "--out" in capsys.readouterr().err
@@ -127,7 +128,8 @@ def _free_port() -> int:
 def test_two_gloo_processes_give_the_figure_of_one(run_dir, tmp_path, capsys):
     import torch.multiprocessing as mp
 
-    common = [str(run_dir), "--n", "301", "--n-t", "8", "--batch-size", "16", "--target-se", "1e-9", "--max-rounds", "2"]
+    common = [str(run_dir), "--n", "301", "--n-t", "8", "--batch-size", "16"]
+    common += ["--target-se", "1e-9", "--max-rounds", "2"]
     single = _evaluate(common, capsys)
     out = tmp_path / "res.json"
     ev = tmp_path / "ev"

@@ -19,13 +19,14 @@ from . import rng
 from .epsfn import PRECISIONS, check_int
 from .eval_store import ResultStore, evaluate_rounds, round_stats
 from .formula import fit_proposal, log_density
-from .image_eval import _round_keys, _scale_kwargs, model_device
+from .image_eval import _round_keys, model_device
 from .mixtures import GaussianMixture
 
 __all__ = ["evaluate_dataset", "DATASET_KEYS"]
 
 DATASET_KEYS = ("logp", "stderr", "nll", "true_nll", "nfe")  # per-example record (nats; true_nll NaN if unknown)
 _REFERENCE = 4096  # examples the control variate and the proposal are fitted on
+_BLOCK_ROWS = 1 << 14  # default network rows (examples x n_t x n_z) per block
 _PILOT_EXAMPLES, _PILOT_NODES = 64, 16
 
 
@@ -71,8 +72,8 @@ def evaluate_dataset(
         n_t, n_z, lam_min, lam_max, seed: as in :func:`scoredensity.formula.log_density`.
         precision: ``"fp32"``/``"bf16"``/``"fp16"``: autocast of the network only.
         max_batch: rows per network call (default: the estimator's memory budget).
-        batch_size: examples per estimator call (default ``max(16, 2**16 // d)``); with ``max_batch`` it bounds
-            the memory, whatever ``n``.
+        batch_size: examples per estimator call (default ``2**14 // (n_t * n_z)``, so that a block is about 2^14
+            network rows); with ``max_batch`` it bounds the memory, whatever ``n``.
         target_se: rounds of independent draws until the estimator's standard error of the data-set mean is at
             most this many bits/dim (nats / (d ln 2) for continuous data); ``None``: one round.
         max_rounds: the most rounds ``target_se`` may spend.
@@ -96,7 +97,10 @@ def evaluate_dataset(
     if n < 2:
         raise ValueError(f"the {split} split has {n} examples; need at least 2")
     d = int(dataset.dim)
-    batch_size = check_int("batch_size", batch_size if batch_size is not None else max(16, (1 << 16) // d), 1)
+    n_t, n_z = check_int("n_t", n_t, 2), check_int("n_z", n_z, 1)
+    if batch_size is None:  # about 2^14 network rows per block: the network's activations stay bounded
+        batch_size = max(1, _BLOCK_ROWS // (n_t * n_z))
+    batch_size = check_int("batch_size", batch_size, 1)
     max_rounds = check_int("max_rounds", max_rounds, 2 if target_se is not None else 1)
     if target_se is not None and not (isinstance(target_se, (int, float)) and target_se > 0):
         raise ValueError(f"target_se must be a positive number of bits/dim, got {target_se!r}")
@@ -109,9 +113,8 @@ def evaluate_dataset(
     ref_ids = torch.arange(min(n, _REFERENCE))
     x_ref = _model_inputs(dataset, xs_all[ref_ids], ref_ids, seed, 0, device)
     gauss = GaussianMixture.fit_gaussian(x_ref.flatten(1).double().cpu()) if len(ref_ids) > d else None
-    eps_fn, fit_kw = _scale_kwargs(fit_proposal, model, precision, None)
     proposal = fit_proposal(
-        eps_fn,
+        model,
         x_ref,
         lam_min=lam_min,
         lam_max=lam_max,
@@ -119,16 +122,15 @@ def evaluate_dataset(
         seed=seed,
         pilot_examples=_PILOT_EXAMPLES,
         pilot_nodes=_PILOT_NODES,
-        **fit_kw,
+        precision=precision,
     )
     pilot_nfe = min(len(ref_ids), _PILOT_EXAMPLES) * _PILOT_NODES / n
-    fn, kw = _scale_kwargs(log_density, model, precision, max_batch)
 
     def compute_round(r: int):
         def block(ids: Tensor) -> dict[str, Tensor]:
             x = _model_inputs(dataset, xs_all[ids], ids, seed, r, device)
             ld = log_density(
-                fn,
+                model,
                 x,
                 n_t=n_t,
                 n_z=n_z,
@@ -139,7 +141,8 @@ def evaluate_dataset(
                 control_variate=gauss,
                 example_ids=_round_keys(ids, r),
                 progress=False,
-                **kw,
+                precision=precision,
+                max_batch=max_batch,
             )
             logp = ld.logp.detach().double().cpu()
             x_cpu = x.cpu()

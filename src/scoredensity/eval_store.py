@@ -91,7 +91,8 @@ class ResultStore:
         keys: the float64 values of a record (e.g. ``["formula-discrete/logp", ...]``).
         folder: where to write shards, the manifest and the merged results; ``None`` keeps everything in memory.
         settings: the evaluation's settings (JSON-serialisable); a resumed evaluation must have the same ones
-            (except ``world_size``, ``device``, ``max_batch``, ``batch_size``, ``progress``: they do not change the figures).
+            (except ``world_size``, ``device``, ``max_batch``, ``batch_size``, ``progress``: they do not change
+            the figures).
         data_sha256: hash of the evaluated data; a resumed evaluation must have the same.
         resume: continue a folder that holds a manifest. Without it, a folder that already holds one is refused.
 
@@ -111,7 +112,9 @@ class ResultStore:
         self.keys = list(keys)
         self.rank, self.world = rank_world()
         self.folder = None if folder is None else Path(folder)
-        self._records: dict[tuple[int, int], np.ndarray] = {}  # (round, id) -> [len(keys)] float64
+        # per round: values [capacity, len(keys)] float64 indexed by example id, and which ids are filled
+        self._values: dict[int, np.ndarray] = {}
+        self._filled: dict[int, np.ndarray] = {}
         self._seq = 0
         if self.folder is None:
             if resume:
@@ -173,13 +176,37 @@ class ResultStore:
                     vals = np.stack([z[k] for k in self.keys], axis=1)
             except (OSError, KeyError, ValueError) as e:
                 raise StoreError(f"{p}: unreadable shard ({e}); remove it to recompute its examples") from None
-            for i, r, v in zip(ids.tolist(), rounds.tolist(), vals, strict=True):
-                self._records[(r, i)] = v
+            for r in np.unique(rounds).tolist():
+                sel = rounds == r
+                self._put(int(r), ids[sel], vals[sel])
 
     # ------------------------------------------------------------------------------------------ records
+    def _put(self, round_: int, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Store ``rows`` [b, len(keys)] of examples ``ids`` [b] in ``round_`` (arrays grow by doubling)."""
+        if len(ids) == 0:
+            return
+        need = int(ids.max()) + 1
+        vals, filled = self._values.get(round_), self._filled.get(round_)
+        if vals is None or vals.shape[0] < need:
+            cap = max(need, 2 * (0 if vals is None else vals.shape[0]), 1024)
+            new_v = np.full((cap, len(self.keys)), np.nan)
+            new_f = np.zeros(cap, dtype=bool)
+            if vals is not None:
+                new_v[: vals.shape[0]], new_f[: filled.shape[0]] = vals, filled
+            self._values[round_], self._filled[round_] = vals, filled = new_v, new_f
+        vals[ids] = rows
+        filled[ids] = True
+
     def done(self, round_: int, ids: torch.Tensor) -> torch.Tensor:
         """[len(ids)] bool: which of ``ids`` already have a record for ``round_``."""
-        return torch.tensor([(round_, i) in self._records for i in ids.tolist()], dtype=torch.bool)
+        filled = self._filled.get(round_)
+        idx = ids.to(torch.int64).cpu().numpy()
+        if filled is None:
+            return torch.zeros(len(idx), dtype=torch.bool)
+        ok = idx < filled.shape[0]
+        out = np.zeros(len(idx), dtype=bool)
+        out[ok] = filled[idx[ok]]
+        return torch.from_numpy(out)
 
     def add(self, round_: int, ids: torch.Tensor, values: dict[str, torch.Tensor], persist: bool = True) -> None:
         """Record ``values`` ([len(ids)] each, for every key) of examples ``ids`` in ``round_``; with a folder
@@ -191,9 +218,7 @@ class ResultStore:
             name = self.folder / "shards" / f"r{self.rank:03d}-{self._seq:07d}.npz"
             atomic_write_bytes(name, _npz_bytes(shard))
             self._seq += 1
-        stacked = np.stack([vals[k] for k in self.keys], axis=1)
-        for i, v in zip(ids_np.tolist(), stacked, strict=True):
-            self._records[(round_, i)] = v
+        self._put(round_, ids_np, np.stack([vals[k] for k in self.keys], axis=1))
 
     def table(self, round_: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The values of ``ids`` in ``round_`` as ``{key: [len(ids)] float64}``.
@@ -201,17 +226,18 @@ class ResultStore:
         Raises:
             StoreError: if a record is missing.
         """
-        try:
-            rows = np.stack([self._records[(round_, i)] for i in ids.tolist()]) if len(ids) else None
-        except KeyError as e:
-            raise StoreError(f"no result for example {e.args[0][1]} in round {round_}") from None
-        if rows is None:
+        done = self.done(round_, ids)
+        if not bool(done.all()):
+            missing = ids[~done][:5].tolist()
+            raise StoreError(f"no result for examples {missing} in round {round_}")
+        if len(ids) == 0:
             return {k: torch.empty(0, dtype=torch.float64) for k in self.keys}
+        rows = self._values[round_][ids.to(torch.int64).cpu().numpy()]
         return {k: torch.from_numpy(rows[:, j].copy()) for j, k in enumerate(self.keys)}
 
     def rounds(self) -> list[int]:
         """The rounds that hold at least one record."""
-        return sorted({r for r, _ in self._records})
+        return sorted(r for r, f in self._filled.items() if f.any())
 
     def finish(self, result: dict, n: int) -> None:
         """Rank 0 (with a folder): merge every record into ``results.npz`` and write ``result.json``."""
@@ -221,7 +247,7 @@ class ResultStore:
         ids = torch.arange(n)
         merged: dict[str, list[np.ndarray]] = {"ids": [], "round": []}
         for r in rounds:
-            if not all((r, i) in self._records for i in range(n)):
+            if not bool(self.done(r, ids).all()):
                 continue
             t = self.table(r, ids)
             merged["ids"].append(ids.numpy())

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import math
 from collections.abc import Sequence
 
@@ -33,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import rng
+from .conventions import Convention, get_convention
 from .data.dataset import levels_to_unit_scale
 from .ddpm import ddpm_elbo
-from .epsfn import PRECISIONS, EpsFn, autocast_context, check_int
+from .epsfn import PRECISIONS, EpsFn, check_int
 from .eval_store import ResultStore, evaluate_rounds, round_stats
 from .formula import fit_proposal, log_density
 from .logdensity import LogDensity
@@ -176,10 +176,11 @@ def image_eval_settings(
     seed: int = 0,
     precision: str = "fp32",
     max_batch: int | None = None,
-    convention: dict | None = None,
+    convention: str | Convention | None = None,
 ) -> ImageEvalSettings:
     """Check the options of :func:`evaluate_images` against the model and the images; fill in the model's own
     range, schedule and variance. Raises ``ValueError``/``TypeError`` naming the offending option."""
+    conv = _check_convention(convention, methods, levels)
     if not isinstance(images, Tensor) or images.dtype.is_floating_point or images.dim() < 2:
         raise TypeError("images must be an integer tensor of levels [N, *shape]")
     if images.shape[0] == 0:
@@ -195,7 +196,7 @@ def image_eval_settings(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     n_t = check_int("n_t", n_t, 2)
     decoder_draws = check_int("decoder_draws", decoder_draws, 1)
-    ddpm_steps = check_int("ddpm_steps", ddpm_steps, 2, allow_none=True)
+    ddpm_steps = check_int("ddpm_steps", ddpm_steps, 4, allow_none=True)
     max_batch = check_int("max_batch", max_batch, 1, allow_none=True)
     if t_range is None:
         t_range = getattr(eps_fn, "t_range", None)
@@ -212,6 +213,8 @@ def image_eval_settings(
             raise ValueError(
                 "the DDPM ELBO is undefined for a zero-terminal-SNR schedule (t_T = 1); use the formula methods only"
             )
+        if conv is not None and conv.name != "improved-diffusion":
+            variance = variance or conv.variance  # improved-diffusion evaluates each model with its own variance
         variance = variance or getattr(eps_fn, "variance_type", "fixed_small")
         variance = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}.get(variance, variance)
         if variance not in ("fixed_small", "fixed_large"):
@@ -235,8 +238,30 @@ def image_eval_settings(
         precision=precision,
         max_batch=max_batch,
         schedule=schedule,
-        convention=convention,
+        convention=None if conv is None else conv.as_dict(),
     )
+
+
+def _check_convention(convention, methods: Sequence[str], levels: int) -> Convention | None:
+    """The :class:`~scoredensity.conventions.Convention` of an image evaluation, checked against the methods.
+
+    ``ddpm`` and ``improved-diffusion`` define the DDPM bound (method ``ddpm`` only); ``scoredensity`` is this
+    library's own (every method); the continuous ``score-sde`` (the ODE on a 2/256 grid) and ``vdm`` (a
+    categorical decoder) are not image-evaluation methods here."""
+    if convention is None:
+        return None
+    conv = get_convention(convention)
+    if conv.name != "scoredensity" and conv.time != "discrete":
+        raise ValueError(
+            f"convention {conv.name!r} ({conv.estimator}, {conv.clean_end} clean end) is not available in the image "
+            "evaluation; it has: ddpm, improved-diffusion (the DDPM bound) and scoredensity"
+        )
+    formula = [m for m in methods if m.startswith("formula")]
+    if conv.time == "discrete" and formula:
+        raise ValueError(f"convention {conv.name!r} defines the DDPM bound only: use methods ('ddpm',), not {formula}")
+    if conv.levels != levels:
+        raise ValueError(f"convention {conv.name!r} is defined on {conv.levels} levels; the images have {levels}")
+    return conv
 
 
 def vdm_terms(r: LogDensity, method: str, d: int, lam_min: float, lam_max: float) -> dict[str, Tensor]:
@@ -255,41 +280,6 @@ def vdm_terms(r: LogDensity, method: str, d: int, lam_min: float, lam_max: float
     }
 
 
-class _Autocast(torch.nn.Module):
-    """``eps_fn`` with its network call autocast to ``precision`` and the output back in float32; attributes
-    (``t_range``, ``schedule``, ...) are those of ``eps_fn``. Used when an estimator takes no ``precision=``."""
-
-    def __init__(self, eps_fn: EpsFn, precision: str) -> None:
-        super().__init__()
-        self.inner = eps_fn
-        self.precision = precision
-
-    def forward(self, x_t: Tensor, t: Tensor, *cond: Tensor) -> Tensor:
-        with autocast_context(self.precision, x_t.device):
-            out = self.inner(x_t, t, *cond)
-        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"] if "inner" in self._modules else self.__dict__["inner"], name)
-
-
-def _scale_kwargs(fn, eps_fn: EpsFn, precision: str, max_batch: int | None) -> tuple[EpsFn, dict]:
-    """The model and keyword arguments that make estimator ``fn`` run at ``precision`` with ``max_batch`` rows per
-    network call: passed through where ``fn`` takes them, else by autocasting the model and ``chunk_size``."""
-    params = inspect.signature(fn).parameters
-    kw: dict = {}
-    if "precision" in params:
-        kw["precision"] = precision
-    elif precision != "fp32":
-        eps_fn = _Autocast(eps_fn, precision)
-    if max_batch is not None:
-        kw["max_batch" if "max_batch" in params else "chunk_size"] = max_batch
-    return eps_fn, kw
-
-
 def _round_keys(ids: Tensor, round_: int) -> Tensor:
     """The estimators' random-stream keys of examples ``ids`` in round ``round_`` (round 0: the ids themselves)."""
     return ids + (int(round_) << _ROUND_SHIFT)
@@ -306,21 +296,21 @@ def _block_records(
     out: dict[str, Tensor] = {}
     for m in s.methods:
         if m == "ddpm":
-            fn, kw = _scale_kwargs(ddpm_elbo, eps_fn, s.precision, s.max_batch)
             r = ddpm_elbo(
-                fn,
+                eps_fn,
                 grid,
                 schedule=s.schedule,
+                convention=None if s.convention is None else s.convention["name"],
                 variance=s.variance,
                 decoder="discretized",
                 levels=s.levels,
                 n_steps_sampled=s.ddpm_steps,
                 seed=s.seed,
                 example_ids=keys,
-                **kw,
+                precision=s.precision,
+                max_batch=s.max_batch,
             )
         else:
-            fn, kw = _scale_kwargs(log_density, eps_fn, s.precision, s.max_batch)
             common = dict(
                 lam_min=s.lam_min,
                 lam_max=s.lam_max,
@@ -330,15 +320,16 @@ def _block_records(
                 control_variate=None,
                 progress=False,
                 example_ids=keys,
-                **kw,
+                precision=s.precision,
+                max_batch=s.max_batch,
             )
             if m == "formula-discrete":
                 r = log_density(
-                    fn, grid, decoder="discretized", levels=s.levels, decoder_draws=s.decoder_draws, **common
+                    eps_fn, grid, decoder="discretized", levels=s.levels, decoder_draws=s.decoder_draws, **common
                 )
             else:
                 u = rng.uniforms(s.seed, rng.Stream.DEQUANT, ids, d, step=round_, device=device).reshape(k.shape)
-                r = log_density(fn, levels_to_unit_scale(k, s.levels, u.to(device)).float(), **common)
+                r = log_density(eps_fn, levels_to_unit_scale(k, s.levels, u).float(), **common)
         nfe = torch.full_like(r.logp, float(r.nfe), dtype=torch.float64)
         vals = {"logp": r.logp, "stderr": r.stderr, "nfe": nfe, **vdm_terms(r, m, d, s.lam_min, s.lam_max)}
         for v in _VALUES:
@@ -373,6 +364,9 @@ def _method_figures(tables: list[dict[str, Tensor]], m: str, d: int, s: ImageEva
         fig["n_t"] = s.n_t
     else:
         fig.update(variance=s.variance, T=s.schedule.num_steps, steps_sampled=s.ddpm_steps)
+        if s.convention is not None:
+            c = s.convention
+            fig["convention"] = c["name"] + ("" if s.variance == c["variance"] else f"+variance={s.variance}")
     return fig
 
 
@@ -396,6 +390,7 @@ def evaluate_images(
     target_se: float | None = None,
     max_rounds: int = 64,
     store: ResultStore | None = None,
+    convention: str | Convention | None = None,
     progress: bool = True,
 ) -> dict:
     """Bits per dimension of integer images under a canonical-time model, by several estimators.
@@ -425,6 +420,10 @@ def evaluate_images(
         max_rounds: the most rounds ``target_se`` may spend (a warning in the result if it stops short).
         store: a :class:`~scoredensity.eval_store.ResultStore` with keys :func:`record_keys` ``(methods)``:
             records already in it are not recomputed (resume), new ones are written as they are done.
+        convention: a published convention (:mod:`scoredensity.conventions`) or its name: ``"ddpm"`` or
+            ``"improved-diffusion"`` (the DDPM bound as published: decoder variance, clipping, CDF; method ``ddpm``
+            only; improved-diffusion keeps the model's own reverse variance, ``ddpm`` uses fixed_large), or
+            ``"scoredensity"``. The result names it and lists its choices; ``None``: the defaults above.
         progress: a progress bar on a terminal, else periodic plain lines on stderr.
 
     Returns:
@@ -432,7 +431,9 @@ def evaluate_images(
         examples, covering the estimator's noise too), ``bpd_estimator_stderr`` (the estimator's part alone),
         ``nfe_per_example`` (network calls per image, all rounds and the shared pilot included), ``rounds``,
         ``kind`` (*discrete* or *dequantized*) and ``terms_bpd`` (prior, diffusion, reconstruction); plus
-        ``settings``, ``preprocessing``, ``data_sha256``, ``n``, ``device`` and the log-SNR range used.
+        ``settings``, ``preprocessing``, ``data_sha256``, ``n``, ``device``, the log-SNR range used, and
+        ``convention`` (``None`` or every choice of the convention; the ``ddpm`` method also names the choices it
+        applied, with any explicit change, as ``convention``).
     """
     s = image_eval_settings(
         eps_fn,
@@ -448,6 +449,7 @@ def evaluate_images(
         seed=seed,
         precision=precision,
         max_batch=max_batch,
+        convention=convention,
     )
     batch_size = check_int("batch_size", batch_size, 1)
     max_rounds = check_int("max_rounds", max_rounds, 2 if target_se is not None else 1)
@@ -464,17 +466,15 @@ def evaluate_images(
     if any(m.startswith("formula") for m in s.methods):
         # one proposal for every block, round and process: fitted on the same first examples everywhere
         pilot = levels_to_unit_scale(images[: min(n, _PILOT_EXAMPLES)].to(device), s.levels).float()
-        fn, _ = _scale_kwargs(fit_proposal, eps_fn, s.precision, None)
-        fit_kw = {"precision": s.precision} if "precision" in inspect.signature(fit_proposal).parameters else {}
         proposal = fit_proposal(
-            fn,
+            eps_fn,
             pilot,
             lam_min=s.lam_min,
             lam_max=s.lam_max,
             seed=s.seed,
             pilot_examples=_PILOT_EXAMPLES,
             pilot_nodes=_PILOT_NODES,
-            **fit_kw,
+            precision=s.precision,
         )
     pilot_nfe = min(n, _PILOT_EXAMPLES) * _PILOT_NODES / n
 
@@ -508,6 +508,7 @@ def evaluate_images(
         "precision": s.precision,
         "max_batch": s.max_batch,
         "settings": s.as_dict(),
+        "convention": s.convention,
         "preprocessing": {
             "scaling": f"x = 2k/({s.levels}-1) - 1 (k integer levels in 0..{s.levels - 1})",
             "dequantization": "formula-dequantized only: x = 2(k + u - 1/2)/(L-1) - 1, u ~ U[0,1) keyed by "

@@ -32,8 +32,9 @@ def add_diffusers_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--methods",
-        default="formula-discrete,formula-dequantized,ddpm",
-        help="comma-separated subset of formula-discrete, formula-dequantized, ddpm",
+        default=None,
+        help="comma-separated subset of formula-discrete, formula-dequantized, ddpm (default: all; ddpm for the "
+        "ddpm and improved-diffusion conventions)",
     )
     g.add_argument("--ddpm-steps", type=int, default=50, help="KL terms sampled per image for the DDPM ELBO (0: all)")
     g.add_argument(
@@ -42,7 +43,11 @@ def add_diffusers_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="how continuous t maps to the model's timesteps (default: interpolated when possible)",
     )
-    g.add_argument("--convention", default=None, help="a published evaluation convention (see docs/conventions.md)")
+    g.add_argument(
+        "--convention",
+        default=None,
+        help="a published evaluation convention: ddpm, improved-diffusion or scoredensity (docs/conventions.md)",
+    )
 
 
 def _model_geometry(eps) -> tuple[int, tuple[int, int] | None]:
@@ -123,7 +128,7 @@ def run_diffusers_eval(args: argparse.Namespace) -> int:
     shard and rank 0 prints the gathered result."""
     from ..diffusers_io import load_diffusers_eps
     from ..eval_store import ResultStore
-    from ..image_eval import data_hash, evaluate_images, record_keys
+    from ..image_eval import IMAGE_METHODS, data_hash, evaluate_images, record_keys
     from .evaluate import init_distributed, local_device, resolve_device
 
     if not args.images:
@@ -141,12 +146,17 @@ def run_diffusers_eval(args: argparse.Namespace) -> int:
         images, levels, desc = load_eval_images(args.images, channels, size, args.split)
         if args.n is not None:
             images = images[: args.n]
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         convention = None
         if args.convention:
-            from ..conventions import get_convention  # the conventions module (issue 13)
+            from ..conventions import get_convention
 
             convention = get_convention(args.convention)
+        if args.methods is not None:
+            methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        elif convention is not None and convention.time == "discrete":
+            methods = ("ddpm",)
+        else:
+            methods = IMAGE_METHODS
         kw = dict(
             levels=levels,
             methods=methods,
@@ -170,7 +180,7 @@ def run_diffusers_eval(args: argparse.Namespace) -> int:
                 "images": {k: desc[k] for k in ("source", "split", "layout")},
                 "n": args.n,
                 "convention": args.convention,
-                **{k: v for k, v in kw.items() if k not in ("progress",)},
+                **{k: v for k, v in kw.items() if k not in ("progress", "convention")},
             }
             store = ResultStore(
                 record_keys(methods), args.out, settings=settings, data_sha256=data_hash(images), resume=args.resume
@@ -194,7 +204,8 @@ def run_diffusers_eval(args: argparse.Namespace) -> int:
                 f"{res['precision']}"
             )
             if res.get("convention"):
-                print(f"convention: {res['convention']}")
+                c = res["convention"]
+                print(f"convention {c['name']}: " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "name"))
             print(
                 "| method | kind | bits/dim | stderr | estimator stderr | prior | diffusion | reconstruction "
                 "| nfe/image |"

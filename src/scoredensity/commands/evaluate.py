@@ -40,7 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast of the network")
     g.add_argument("--max-batch", type=int, default=None, help="rows per network call (default: from a memory budget)")
     g.add_argument(
-        "--batch-size", type=int, default=None, help="examples per estimator call (default 16 images; 2^16/d else)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per estimator call (default 16 images; run folders 2^14/(n_t n_z), about 2^14 network rows)",
     )
     g.add_argument("--out", metavar="DIR", default=None, help="write per-example results and a manifest here")
     g.add_argument("--resume", action="store_true", help="continue the evaluation in --out (same settings and data)")
