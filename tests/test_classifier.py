@@ -14,6 +14,7 @@ from scoredensity.apps.classifier import (
 )
 from scoredensity.mixtures import GaussianMixture
 from scoredensity.nets import MLPDenoiser
+from scoredensity.schedules import DDPMSchedule, linear_betas
 
 
 def _overlapping() -> GaussianMixture:
@@ -89,6 +90,14 @@ def test_uniform_weighting_runs(setup):
     assert res.log_posterior.shape == (200, 3) and res.weighting == "uniform"
     cm = confusion_matrix(y[:200], res.prediction, res.classes)
     assert int(cm.sum()) == 200 and cm.trace() > 100
+    # the score is what it says: minus the unweighted denoising error averaged over DDPM's 1000 linear-schedule
+    # steps, known in closed form for each class's Gaussian (formula weights would be off by ~4 nats)
+    times = DDPMSchedule(linear_betas(1000)).times
+    for c in range(3):
+        g = GaussianMixture.gaussian(gm.means[c], gm.covs[c])
+        exact = torch.stack([g.expected_denoising_error(x[:200], t.expand(200)) for t in times]).mean(0)
+        diff = res.log_likelihood[:, c] + exact
+        assert abs(float(diff.mean())) < 4 * float(diff.std()) / math.sqrt(200), (c, float(diff.mean()))
 
 
 def test_bad_input(setup):

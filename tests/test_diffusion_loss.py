@@ -186,13 +186,24 @@ def test_elbo_loss_is_minus_the_reported_bound():
 def test_simple_weighting_and_mask():
     head = DiffusionLoss(2, 3, width=16, depth=1, weighting="simple")
     x, c = torch.randn(4, 5, 2), torch.randn(4, 5, 3)
-    per = head(x, c, reduction="none")
+
+    def g():
+        return torch.Generator().manual_seed(0)  # the same noise in every call below
+
+    per = head(x, c, reduction="none", generator=g())
     assert per.shape == (4, 5) and (per >= 0).all()
     mask = torch.zeros(4, 5)
     mask[0, 0] = 1
-    loss = head(x, c, mask=mask)
+    loss = head(x, c, mask=mask, generator=g())
     loss.backward()
-    assert torch.isfinite(loss)
+    # the mask selects: the loss is that one token's, and the other tokens do not enter it
+    torch.testing.assert_close(loss, per[0, 0])
+    x2 = x.clone()
+    x2[1:] += 3.0
+    torch.testing.assert_close(head(x2, c, mask=mask, generator=g()), loss)
+    # a weighted mask gives the weighted mean of the per-token losses
+    w = torch.rand(4, 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(head(x, c, mask=w, generator=g()), (per * w).sum() / w.sum())
 
 
 # ------------------------------------------------------------------------------------------ AR backbone

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from scipy.stats import chi2
 
 from scoredensity.apps.gan import gan_metrics, mmd2, regulariser_gradient, score_regulariser, train_gan
-from scoredensity.mixtures import mixture_preset
+from scoredensity.mixtures import GaussianMixture, mixture_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,6 +47,45 @@ def test_shortcuts_are_biased_where_the_density_is_not_gaussian():
     assert ((grad * exact_grad).sum(1) > 0).all()
 
 
+def _expected_regulariser(g, x: torch.Tensor, weighting: str, lam_min: float = -20.0, lam_max: float = 20.0):
+    """For a Gaussian data law ``g``: the expectation of the regulariser's value, of its full gradient and of its
+    sds gradient, by Gauss-Legendre quadrature in log-SNR of closed forms (independent of the estimator's draws).
+
+    value = -(noisy_end + clean_end + ∫ w(lam) 1/2 [d sigmoid(lam) - E||z - eps||^2] dlam); the full gradient is
+    its gradient; the sds gradient is sigmoid(lam_min) x + ∫ w(lam) a E[eps - z] dlam with
+    E[eps - z] = a sqrt(t) S_t^{-1} (x - m), S_t = a^2 S + t I. w = 1 (formula) or c t (1 - t) (t_uniform, with
+    ∫ w dlam = lam_max - lam_min).
+    """
+    import numpy as np
+
+    from scoredensity.decoders import end_terms
+
+    nodes, weights = np.polynomial.legendre.leggauss(400)
+    half = (lam_max - lam_min) / 2
+    lam = torch.from_numpy(lam_min + half * (nodes + 1))
+    wq = torch.from_numpy(half * weights)
+    t = torch.sigmoid(-lam)
+    if weighting == "formula":
+        w = torch.ones_like(lam)
+    else:  # ∫ t (1 - t) dlam = t(lam_min) - t(lam_max)
+        w = (lam_max - lam_min) * t * (1 - t) / (1 / (1 + math.exp(lam_min)) - 1 / (1 + math.exp(lam_max)))
+    xr = x.detach().double().clone().requires_grad_(True)
+    d = x.shape[1]
+    err = torch.stack([g.expected_denoising_error(xr, tk.expand(len(x))) for tk in t])  # [nodes, B]
+    integral = (wq * w)[:, None] * 0.5 * (d * torch.sigmoid(lam)[:, None] - err)
+    noisy, clean = end_terms(xr, lam_min, lam_max)
+    value = -(noisy + clean + integral.sum(0))
+    (full,) = torch.autograd.grad(value.sum(), xr)
+    m, cov = g.means[0], g.covs[0]
+    a2 = torch.sigmoid(lam)
+    q = sum(
+        float(wq[i] * w[i] * a2[i] * t[i].sqrt()) * torch.linalg.inv(a2[i] * cov + t[i] * torch.eye(d, dtype=cov.dtype))
+        for i in range(len(lam))
+    )
+    sds = torch.sigmoid(torch.tensor(lam_min, dtype=torch.float64)) * x.double() + (x.double() - m) @ q.T
+    return value.detach(), full, sds
+
+
 def test_surrogate_values_and_gradients_have_the_right_form():
     gm = mixture_preset("ring8")
     x = _points("ring8", 16).float().requires_grad_(True)
@@ -51,8 +93,27 @@ def test_surrogate_values_and_gradients_have_the_right_form():
         for weighting in ("formula", "t_uniform"):
             v = score_regulariser(gm.eps, x, gradient=gradient, weighting=weighting, generator=torch.Generator())
             assert v.shape == (16,) and v.dtype == torch.float64 and torch.isfinite(v).all()
-            (g,) = torch.autograd.grad(v.mean(), x)
-            assert torch.isfinite(g).all() and g.abs().sum() > 0
+            (grad,) = torch.autograd.grad(v.mean(), x)
+            assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # the values and gradients are the named estimators: on a correlated Gaussian, whose expectations are known in
+    # closed form (a sign error, a wrong weight or a Jacobian kept/dropped by mistake fails); 5 standard errors
+    g = GaussianMixture.gaussian(
+        torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=torch.float64)
+    )
+    x = g.sample(6, generator=torch.Generator().manual_seed(3)) * 1.5
+    for weighting in ("formula", "t_uniform"):
+        value, full, sds = _expected_regulariser(g, x, weighting)
+        if weighting == "formula":
+            torch.testing.assert_close(value, -g.log_prob(x), rtol=0, atol=1e-6)  # the quadrature itself
+        for gradient, want in (("full", full), ("sds", sds)):
+            v, v_se, grad, grad_se = regulariser_gradient(
+                g.eps, x, n_draws=16384, gradient=gradient, weighting=weighting
+            )
+            for z in ((v - value) / v_se, ((grad - want) / grad_se).flatten()):
+                # each within 5 se, and jointly: sum of squared z-scores below chi2's 0.999 quantile (a small
+                # systematic bias shared by all points fails here)
+                assert (z.abs() <= 5).all() and float(z.pow(2).sum()) < chi2.ppf(0.999, z.numel()), (gradient, z)
+        assert (full - sds).abs().max() > 0.1  # the two gradients differ here, so the test tells them apart
 
 
 def test_metrics_on_real_and_collapsed_samples():
@@ -69,10 +130,20 @@ def test_metrics_on_real_and_collapsed_samples():
 
 
 def test_train_gan_short_run_records_the_regulariser():
-    res = train_gan(preset="ring8", steps=30, batch=64, hidden=32, depth=2, reg_coef=0.1, log_every=10)
+    kw = dict(preset="ring8", steps=30, batch=64, hidden=32, depth=2, log_every=10)
+    res = train_gan(reg_coef=0.1, **kw)
     assert len(res.history) == 4 and all(h["reg"] != 0 for h in res.history)
     x = res.sample(100)
     assert x.shape == (100, 2) and torch.isfinite(x).all()
+    # the regulariser is in the generator's loss: the same seed without it trains a different generator
+    plain = train_gan(reg_coef=0.0, **kw)
+    assert all(h["reg"] == 0 for h in plain.history)
+    assert plain.history[0]["d_loss"] == res.history[0]["d_loss"]  # same start
+    diffs = [
+        (p - q).abs().max().detach()
+        for p, q in zip(res.generator.parameters(), plain.generator.parameters(), strict=True)
+    ]
+    assert max(float(v) for v in diffs) > 1e-4
 
 
 def test_bad_input():
@@ -105,6 +176,8 @@ def test_cli_gan(tmp_path, capsys):
 
 
 def test_cli_gan_with_a_trained_denoiser(tmp_path, capsys):
+    import json
+
     from scoredensity.cli import main
 
     run_dir = tmp_path / "run"
@@ -119,3 +192,11 @@ def test_cli_gan_with_a_trained_denoiser(tmp_path, capsys):
     )
     assert "'ring8'" not in capsys.readouterr().err  # no data mismatch warning
     assert (out / "gan.json").exists()
+    # the trained network is the regulariser's denoiser: the same seed with the exact eps computes another value
+    # of the regulariser on the same first batch (the generators start equal)
+    exact = tmp_path / "gan_exact"
+    assert main(["gan", "--steps", "5", "--batch", "32", "--reg-coef", "0.1", "--out", str(exact)]) == 0
+    doc, ref = (json.loads((p / "gan.json").read_text()) for p in (out, exact))
+    assert doc["denoiser"] == str(run_dir) and ref["denoiser"] == "exact"
+    assert doc["history"][0]["d_loss"] == ref["history"][0]["d_loss"]
+    assert abs(doc["history"][0]["reg"] - ref["history"][0]["reg"]) > 1e-3

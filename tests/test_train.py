@@ -2,10 +2,13 @@
 exact NLL, and never below it beyond 3 paired standard errors. Plus the evaluate CLI's JSON."""
 
 import json
+import math
 
+import pytest
 import torch
 
 from scoredensity.cli import main
+from scoredensity.mixtures import mixture_preset
 from scoredensity.train import TrainConfig, _lr_at, train
 
 
@@ -77,3 +80,17 @@ def test_training_demo_report(tmp_path):
         assert (tmp_path / name).is_file(), name
     text = (tmp_path / "report.md").read_text()
     assert "bound - exact" in text and "trained_density.png" in text
+    # the report states the run's own figures: the JSON written beside it, its table rows, and a consistent gap
+    saved = json.loads((tmp_path / "training_demo.json").read_text())
+    ev = saved["eval"]
+    assert saved["steps"] == 30 and ev == pytest.approx(t["eval"])
+    assert ev["gap"] == pytest.approx(ev["nll"] - ev["true_nll"])
+    labels = (("NLL bound (model)", "nll"), ("exact NLL (same points)", "true_nll"), ("bound - exact (paired)", "gap"))
+    for label, key in labels:
+        assert f"| {label} | {ev[key]:.4f} ± {ev[key + '_stderr']:.4f} |" in text, label
+    assert f"trained for {saved['steps']} steps" in text and f"n = {ev['n']}" in text
+    for row in r["formula"]["rows"]:
+        assert f"| {row['points']} | {row['n']} | {row['mean_err']:.4f} | {row['mean_stderr']:.4f} |" in text
+    # the exact NLL is blobs2d's: the Gaussian fitted to blobs2d (1 nat worse than the mixture) lies well above it
+    gauss_nll = 0.5 * float(torch.logdet(2 * math.pi * math.e * mixture_preset("blobs2d").covariance()))
+    assert ev["true_nll"] < gauss_nll - 4 * ev["true_nll_stderr"]
