@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         read_array_file(args.data)  # a one-line DataError for a missing, truncated, pickled or random-bytes file
         if not args.data.lower().endswith(".npy"):
             raise ValueError(f"--data {args.data}: certify reads a .npy of [N, d] points, not a .npz")
-    if device.type != "cpu":
+    if args.device is not None and device.type != "cpu":  # an explicit request deserves an answer
         print(
             f"note: certify's EM fits and exact mixture denoisers are small CPU work; it runs on the CPU, not {device}",
             file=sys.stderr,

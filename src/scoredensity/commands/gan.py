@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         device_kw = {"device": str(device)}
         if eps_fn is not None:
             model.to(device)
-    elif device.type != "cpu":
+    elif args.device is not None and device.type != "cpu":
         print(f"note: the GAN's 2-D networks train on the CPU, not {device}", file=sys.stderr)
     res = train_gan(
         eps_fn=eps_fn,
