@@ -593,13 +593,14 @@ class _Progress:
     def __init__(self, mode: str, start: int, total: int):
         self.mode, self.start, self.total = mode, start, total
         self.t0 = self.last = time.perf_counter()
-        self.loss: float | None = None
+        self.loss_sum, self.loss_n = 0.0, 0  # mean loss per example since the last line
         self.bar = tqdm(desc="train", initial=start, total=total) if mode == "bar" else None
         if mode == "lines":
             print(f"train: starting at step {start} of {total}", file=sys.stderr, flush=True)
 
     def update(self, step: int, loss: float) -> None:
-        self.loss = loss
+        """After ``step``, whose mean loss per example was ``loss``."""
+        self.loss_sum, self.loss_n = self.loss_sum + loss, self.loss_n + 1
         if self.bar is not None:
             self.bar.update(1)
             return
@@ -607,12 +608,13 @@ class _Progress:
         if self.mode == "lines" and (now - self.last >= PROGRESS_SECONDS or step == self.total):
             self.last = now
             print(self.line(step, now), file=sys.stderr, flush=True)
+            self.loss_sum, self.loss_n = 0.0, 0
 
     def line(self, step: int, now: float) -> str:
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         eta_s = "?" if not math.isfinite(eta) else _hms(eta)
-        loss = "" if self.loss is None else f", loss {self.loss:.4g}"
+        loss = "" if not self.loss_n else f", loss {self.loss_sum / self.loss_n:.4g}"  # mean since the last line
         return (
             f"train: step {step}/{self.total} ({100 * step / self.total:.0f}%){loss}, {rate:.1f} steps/s, ETA {eta_s}"
         )

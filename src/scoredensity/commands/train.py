@@ -27,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..train import TrainConfig
 
     d = TrainConfig()
+    p.epilog = (
+        "exit codes: 0 trained; 2 bad settings, data or run folder; 3 training diverged (the last good checkpoint "
+        "is kept); 75 the run folder is in use by another training process; 130 / 143 stopped by SIGINT / SIGTERM "
+        "after saving a checkpoint (continue with --resume)"
+    )
     p.add_argument("--data", help="data set name (ring8, grid25, blobs2d, moons, digits, mnist, ...) or a path")
     p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {d.steps})")
     p.add_argument("--out", required=True, help="run folder (config, checkpoint, metrics)")
