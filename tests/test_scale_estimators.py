@@ -435,3 +435,14 @@ def test_estimators_create_every_tensor_where_the_data_live(run, monkeypatch):
     with torch.device("meta"):
         out = run(gm, x, xk)
     assert (out.masses if isinstance(out, LambdaProposal) else out.logp).device.type == "cpu"
+
+
+def test_default_rows_per_call_are_bounded_in_bytes_and_in_rows():
+    from scoredensity.epsfn import DEFAULT_MAX_ROWS, DEFAULT_MEMORY_BUDGET, default_max_batch
+
+    assert default_max_batch(2) == DEFAULT_MAX_ROWS  # low d: the row cap, not millions of rows
+    big = default_max_batch(3 * 32 * 32)
+    assert big * 8 * 8 * 3 * 32 * 32 <= DEFAULT_MEMORY_BUDGET < (big + 1) * 8 * 8 * 3 * 32 * 32
+    assert default_max_batch(10**12) == 1
+    gm, x = _ring(4)
+    assert log_density(gm.eps, x, n_t=4).info["max_batch"] == DEFAULT_MAX_ROWS

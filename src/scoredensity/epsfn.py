@@ -18,6 +18,7 @@ __all__ = [
     "PRECISIONS",
     "DEFAULT_LAM_RANGE",
     "DEFAULT_MEMORY_BUDGET",
+    "DEFAULT_MAX_ROWS",
     "autocast_context",
     "default_max_batch",
     "resolve_max_batch",
@@ -112,13 +113,21 @@ def check_int(name: str, value, minimum: int = 1, allow_none: bool = False) -> i
     return v
 
 
-def default_max_batch(row_numel: int, budget_bytes: int = DEFAULT_MEMORY_BUDGET, copies: int = 8) -> int:
-    """Rows per network call that keep the estimator's working memory near ``budget_bytes``.
+DEFAULT_MAX_ROWS = 1 << 16  # rows per call past which a network's throughput no longer grows
+
+
+def default_max_batch(
+    row_numel: int, budget_bytes: int = DEFAULT_MEMORY_BUDGET, copies: int = 8, max_rows: int = DEFAULT_MAX_ROWS
+) -> int:
+    """Rows per network call that keep the estimator's working memory near ``budget_bytes``, at most ``max_rows``.
 
     A row of ``row_numel`` elements costs about ``copies`` float64 tensors (x_t, z, eps and temporaries); the
-    network's own activations come on top and are bounded by lowering ``max_batch`` (``--max-batch``).
+    network's own activations come on top and are bounded by lowering ``max_batch`` (``--max-batch``). The cap
+    matters in low dimension, where the budget alone would allow millions of rows: a 2-D MLP of width 256 would
+    then hold gigabytes of activations per call (8M rows x 256 x 4 bytes = 8 GiB per layer).
     """
-    return max(1, int(budget_bytes) // (8 * copies * max(1, int(row_numel))))
+    rows = int(budget_bytes) // (8 * copies * max(1, int(row_numel)))
+    return max(1, min(rows, int(max_rows)))
 
 
 def resolve_max_batch(max_batch: int | None, row_numel: int, chunk_size: int | None = None) -> int:
