@@ -13,6 +13,13 @@ from scoredensity.mixtures import GaussianMixture, mixture_preset
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """Every tensor of these tests is made on the CPU explicitly (the estimators compute where x lives)."""
+    with torch.device("cpu"):
+        yield
+
+
 def _within(est, exact, k: float = 4.0) -> None:
     """Per example within k standard errors, and the batch mean within k standard errors of the mean."""
     err = est.logp - exact

@@ -8,6 +8,14 @@ from torch.distributions import Normal
 
 from scoredensity import GaussianMixture, bits_per_dim, log_density
 
+
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """Every tensor of these tests is made on the CPU explicitly (the estimators compute where x lives)."""
+    with torch.device("cpu"):
+        yield
+
+
 L = 17  # levels, as scikit-learn's digits
 
 

@@ -10,6 +10,13 @@ from scoredensity.mixtures import mixture_preset
 from scoredensity.nets import MLPDenoiser
 
 
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """Every tensor of these tests is made on the CPU explicitly (the estimators compute where x lives)."""
+    with torch.device("cpu"):
+        yield
+
+
 def _t(v):
     return torch.tensor([v], dtype=torch.int64)
 

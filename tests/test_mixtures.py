@@ -8,6 +8,13 @@ import torch
 from scoredensity.mixtures import GaussianMixture, mixture_preset
 
 
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """Every tensor of these tests is made on the CPU explicitly (the estimators compute where x lives)."""
+    with torch.device("cpu"):
+        yield
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

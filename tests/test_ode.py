@@ -12,6 +12,13 @@ from scoredensity.ode import ODESolverError, ode_log_likelihood
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """Every tensor of these tests is made on the CPU explicitly (the estimators compute where x lives)."""
+    with torch.device("cpu"):
+        yield
+
+
 def test_exact_trace_d2_within_solver_tolerance():
     gm = mixture_preset("ring8")
     x = mixture_points(gm, 16)

@@ -10,12 +10,20 @@ import torch
 from scoredensity.elbo import elbo
 from scoredensity.formula import fit_proposal, log_density, resolve_control_variate
 from scoredensity.logdensity import LogDensity
+from scoredensity.losses import LamSampler, dsm_loss
 from scoredensity.mixtures import GaussianMixture, StandardNormal, mixture_preset
 from scoredensity.nets import MLPDenoiser
 from scoredensity.ode import ode_log_likelihood
 from scoredensity.proposals import LambdaProposal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """Every tensor of these tests is made on the CPU explicitly (the estimators compute where x lives)."""
+    with torch.device("cpu"):
+        yield
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -69,8 +77,8 @@ def test_bad_options_raise_naming_the_option(name, kw):
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_chunk_size_is_a_deprecated_alias_and_validated(name):
     gm, x = _ring(4)
-    with pytest.warns(DeprecationWarning, match="chunk_size"), pytest.raises(ValueError, match="max_batch"):
-        ESTIMATORS[name](gm.eps, x, chunk_size=-1)
+    with pytest.warns(DeprecationWarning, match="chunk_size"), pytest.raises(ValueError, match="chunk_size"):
+        ESTIMATORS[name](gm.eps, x, chunk_size=-1)  # issue 14.6: once returned +2801 instead of raising
     with pytest.warns(DeprecationWarning, match="chunk_size"):
         r = ESTIMATORS[name](gm.eps, x, chunk_size=7)
     assert r.info["max_batch"] == 7
@@ -241,3 +249,189 @@ def test_example_generator_is_deprecated():
 
     with pytest.warns(DeprecationWarning, match="rng"):
         example_generator(0, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------- precision
+def _trained_ring8_mlp(steps: int = 200) -> torch.nn.Module:
+    """A small MLPDenoiser trained for ``steps`` steps of the likelihood-weighted loss on ring8 (a few seconds)."""
+    gm = mixture_preset("ring8")
+    torch.manual_seed(0)
+    net = MLPDenoiser([2], hidden=32, blocks=2, emb_dim=16).to("cpu")
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    sampler = LamSampler("uniform", -12.0, 12.0)
+    data = gm.sample(4096, generator=_gen(0)).float().to("cpu")
+    for step in range(steps):
+        index = torch.arange(step * 256, (step + 1) * 256, device="cpu")
+        out = dsm_loss(net, data[index % 4096], weighting="elbo", sampler=sampler, seed=0, step=step, index=index)
+        opt.zero_grad()
+        out.loss.mean().backward()
+        opt.step()
+    net.lam_range = (-12.0, 12.0)  # as load_run marks a trained network
+    return net.eval()
+
+
+def _autocast_dtypes(module: torch.nn.Module) -> set:
+    """Records the dtypes of every Linear / Conv2d output while the estimator runs."""
+    seen = set()
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    return seen
+
+
+def _agree_within_stderr(a: LogDensity, b: LogDensity) -> None:
+    """bf16 and fp32 (common random numbers) agree within the stated standard error of the mean."""
+    joint = math.hypot(a.mean_stderr(), b.mean_stderr())
+    assert abs(a.mean() - b.mean()) < joint
+    assert float((a.logp - b.logp).abs().max()) < float(torch.hypot(a.stderr, b.stderr).max())
+    assert a.info["precision"] == "bf16" and b.info["precision"] == "fp32"
+
+
+def test_bf16_agrees_with_fp32_within_stderr_on_a_trained_mlp():
+    net = _trained_ring8_mlp()
+    gm = mixture_preset("ring8")
+    x = gm.sample(128, generator=_gen(5)).float().to("cpu")
+    seen = _autocast_dtypes(net)
+    for est in (
+        lambda p: log_density(net, x, n_t=32, seed=1, precision=p),
+        lambda p: elbo(net, x[:32], n_t=32, seed=1, precision=p),
+    ):
+        seen.clear()
+        fp32 = est("fp32")
+        assert seen == {torch.float32}
+        seen.clear()
+        bf16 = est("bf16")
+        assert torch.bfloat16 in seen  # the network really ran in bf16
+        _agree_within_stderr(bf16, fp32)
+        assert fp32.info["lam_min"] == -12.0  # the trained range is picked up
+
+
+def test_bf16_agrees_with_fp32_within_stderr_on_a_small_unet():
+    diffusers = pytest.importorskip("diffusers")
+    from helpers import tiny_unet
+
+    from scoredensity.adapters import DiffusersEps
+
+    unet = tiny_unet()
+    sched = diffusers.DDPMScheduler(num_train_timesteps=100, beta_start=1e-4, beta_end=0.1)
+    eps = DiffusersEps(unet, sched.config)
+    k = torch.randint(0, 17, (16, 1, 8, 8), generator=_gen(0), device="cpu")
+    x = 2 * k.float() / 16 - 1
+    seen = _autocast_dtypes(unet)
+    kw = dict(n_t=16, seed=1, lam_min=-5.1, lam_max=9.2)  # inside the 100-step model's trained range
+    fp32 = log_density(eps, x, precision="fp32", **kw)
+    assert torch.bfloat16 not in seen
+    bf16 = log_density(eps, x, precision="bf16", **kw)
+    assert torch.bfloat16 in seen
+    _agree_within_stderr(bf16, fp32)
+
+
+def test_control_variate_integral_on_a_grid_matches_the_node_by_node_rule():
+    from scoredensity.formula import control_variate_integral, integrate_expected_error
+
+    gm, x = _ring(50)
+    for ref in (GaussianMixture.fit_gaussian(x), StandardNormal()):
+        err = ref.expected_denoising_error_fn(x.double())
+        slow = integrate_expected_error(lambda _x, t, err=err: err(t), x.double(), lam_min=-12.0, lam_max=9.5)
+        fast = control_variate_integral(ref, x.double(), -12.0, 9.5)
+        assert torch.allclose(fast, slow.terms["integral"], rtol=1e-12, atol=1e-10)
+
+
+def test_elbo_takes_n_z_draws_per_node_and_stays_exact_for_the_exact_eps():
+    gm, x = _ring(40, seed=8)
+    x = x.double()
+    prop = LambdaProposal.uniform(-20.0, 20.0)
+    one = elbo(gm.eps, x, n_t=32, n_z=1, seed=3, importance=prop)
+    four = elbo(gm.eps, x, n_t=32, n_z=4, seed=3, importance=prop)
+    assert (one.nfe, four.nfe, four.info["n_z"]) == (32, 128, 4)
+    gap = float((four.logp - gm.log_prob(x)).mean())
+    assert abs(gap) < 4 * four.mean_stderr()
+    assert four.mean_stderr() < one.mean_stderr()  # more draws per node: less noise
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_estimator_takes_the_shared_vocabulary(name):
+    import inspect
+
+    fn = {"log_density": log_density, "elbo": elbo, "ode": ode_log_likelihood}[name]
+    shared = {"seed", "example_ids", "cond", "precision", "max_batch", "progress", "lam_min", "lam_max"}
+    params = inspect.signature(fn).parameters
+    assert shared <= set(params)
+    assert params["lam_min"].default is None and params["lam_max"].default is None
+    if name != "ode":  # the ODE has no nodes: its solver picks the times
+        assert params["n_t"].default == 128 and params["n_z"].default == 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"n_t": 0},
+        {"n_t": 16.0},
+        {"n_z": 0},
+        {"n_z": True},
+        {"pilot_nodes": 0},
+        {"pilot_examples": -3},
+        {"decoder_draws": 2.5},
+        {"seed": 1.5},
+        {"max_batch": "64"},
+    ],
+)
+def test_every_integer_option_of_log_density_is_checked(kw):
+    gm, x = _ring(4)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        log_density(gm.eps, x, **kw)
+
+
+@pytest.mark.parametrize("kw", [{"n_t": 0}, {"n_z": 0}, {"n_probes": 0}, {"pilot_nodes": 0}, {"seed": "1"}])
+def test_every_integer_option_of_elbo_is_checked(kw):
+    gm, x = _ring(4)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        elbo(gm.eps, x, **kw)
+
+
+@pytest.mark.parametrize("kw", [{"n_probes": 0, "trace": "hutchinson"}, {"steps": 0}, {"max_num_steps": -1}])
+def test_every_integer_option_of_ode_is_checked(kw):
+    gm, x = _ring(4)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        ode_log_likelihood(gm.eps, x, **kw)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda gm, x, xk: log_density(gm.eps, x, n_t=8, control_variate="batch"),
+        lambda gm, x, xk: log_density(gm.eps, x, n_t=8, n_z=2, scheme="quadrature"),
+        lambda gm, x, xk: log_density(gm.eps, xk, n_t=8, decoder="discretized", levels=17, lam_max=8.0),
+        lambda gm, x, xk: fit_proposal(gm.eps, x),
+        lambda gm, x, xk: elbo(gm.eps, x, n_t=8, n_z=2),
+        lambda gm, x, xk: elbo(gm.eps, x, n_t=8, probe="exact", control_variate="prior"),
+        lambda gm, x, xk: ode_log_likelihood(gm.eps, x, steps=4, trace="hutchinson", n_probes=2),
+        lambda gm, x, xk: ode_log_likelihood(gm.eps, x, rtol=1e-3, atol=1e-3),
+    ],
+)
+def test_estimators_create_every_tensor_where_the_data_live(run, monkeypatch):
+    """With the default device set to 'meta' and the data on the CPU, any tensor an estimator made without naming
+    its device would land on 'meta' and fail: this is how a CPU-only test catches CPU/accelerator mix-ups."""
+    import sys
+
+    gm, x = _ring(20)
+    xk = 2 * torch.randint(0, 17, (20, 2), generator=_gen(0)).float() / 16 - 1
+    as_tensor = torch.as_tensor
+
+    def keep_device(data, dtype=None, device=None):  # as outside a device context: a tensor keeps its device
+        if device is None and isinstance(data, torch.Tensor):
+            device = data.device
+        return as_tensor(data, dtype=dtype, device=device)
+
+    monkeypatch.setattr(torch, "as_tensor", keep_device)
+    end_terms = sys.modules["scoredensity.decoders"].end_terms
+
+    def end_terms_on_data(x, lam_min, lam_max):  # decoders.end_terms makes CPU scalars (not in these files)
+        with torch.device(x.device):
+            return end_terms(x, lam_min, lam_max)
+
+    for module in ("scoredensity.formula", "scoredensity.elbo"):
+        monkeypatch.setattr(sys.modules[module], "end_terms", end_terms_on_data)
+    with torch.device("meta"):
+        out = run(gm, x, xk)
+    assert (out.masses if isinstance(out, LambdaProposal) else out.logp).device.type == "cpu"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from . import rng
 from .decoders import end_terms
@@ -101,13 +102,22 @@ def _integrand(
 
 
 def _draws(
-    seed: int, keys_of: tuple[tuple[int, int], ...], keys: Tensor, n: int, shape: torch.Size, probe: str, n_probes: int
+    seed: int,
+    keys_of: tuple[tuple[int, int], ...],
+    keys: Tensor,
+    n: int,
+    shape: torch.Size,
+    probe: str,
+    n_probes: int,
+    n_z: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per example of ``keys`` [b]: ``n`` uniforms [b, n], noise [b, n, *shape] and probes [n_p, b n, *shape]
-    (``None`` for the exact trace), keyed by the three ``(stream, step)`` pairs of ``keys_of``."""
+    """Per example of ``keys`` [b]: ``n`` uniforms [b, n], noise [b, n n_z, *shape] (``n_z`` draws per node) and
+    probes [n_p, b n n_z, *shape] (``None`` for the exact trace), keyed by the three ``(stream, step)`` pairs of
+    ``keys_of``."""
     dev = keys.device
     (s_u, k_u), (s_z, k_z), (s_v, k_v) = keys_of
     u = rng.uniforms(seed, s_u, keys, n, step=k_u, device=dev)
+    n = n * n_z
     z = rng.normals(seed, s_z, keys, (n, *shape), step=k_z, device=dev)
     if probe == "exact":
         return u, z, None
@@ -121,6 +131,7 @@ def elbo(
     x: Tensor,
     *,
     n_t: int = 128,
+    n_z: int = 1,
     probe: str = "rademacher",
     n_probes: int = 1,
     lam_min: float | None = None,
@@ -135,6 +146,7 @@ def elbo(
     cond: Tensor | None = None,
     precision: str = "fp32",
     max_batch: int | None = None,
+    progress: bool | None = None,
 ) -> LogDensity:
     """Continuous-time ELBO of the plug-in reverse SDE in divergence form (seed 001), per example in nats.
 
@@ -147,6 +159,7 @@ def elbo(
         x: [B, *shape] data, on the model's device.
         n_t: log-SNR draws per example (even: stratified, two independent draws per stratum of the proposal,
             so the standard error is honest). Default 128, as the formula's.
+        n_z: noise draws (each with its own probes) per node; calls per example ``n_t * n_z`` (plus the pilot).
         probe: ``"rademacher"``, ``"gaussian"`` (Hutchinson) or ``"exact"`` (``d`` vjps per draw: small d).
         n_probes: Hutchinson probes per draw (ignored for ``exact``).
         lam_min, lam_max: log-SNR range, closed by the formula's exact end terms; ``None``: the model's own
@@ -168,6 +181,7 @@ def elbo(
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the network only (sums stay float64).
         max_batch: rows per ``eps_fn`` call (default from a memory budget; each chunk's autograd graph is freed
             before the next).
+        progress: tqdm bar over blocks of examples (default: when more than 4 blocks).
 
     Computed on ``x``'s device (float64 work there, except MPS); the result is on the CPU and carries no graph.
 
@@ -182,6 +196,7 @@ def elbo(
     n_t = check_int("n_t", n_t, 2)
     if n_t % 2:
         raise ValueError(f"n_t must be even and >= 2 (two draws per stratum), got {n_t}")
+    n_z = check_int("n_z", n_z)
     n_probes = check_int("n_probes", n_probes)
     seed = check_int("seed", seed, minimum=-(1 << 63))
     lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
@@ -224,7 +239,7 @@ def elbo(
         elif importance == "adaptive":
             pilot_nodes = check_int("pilot_nodes", pilot_nodes)
             pilot_examples = check_int("pilot_examples", pilot_examples)
-            pick = torch.linspace(0, b - 1, min(b, pilot_examples)).round().long().unique().to(dev)
+            pick = torch.linspace(0, b - 1, min(b, pilot_examples), device=dev).round().long().unique()
             m = len(pick)
             pilot = ((rng.Stream.ELBO_PILOT, 0), (rng.Stream.ELBO_PILOT, 1), (rng.Stream.ELBO_PILOT, 2))
             u, z, pr = _draws(seed, pilot, torch.arange(m, device=dev), pilot_nodes, shape, probe, n_p)
@@ -242,11 +257,15 @@ def elbo(
         var = torch.empty(b, dtype=torch.float64, device=dev)
         offsets = torch.arange(strata, dtype=torch.float64, device=dev).repeat_interleave(2)[None]
         streams = ((rng.Stream.ELBO_LAM, 0), (rng.Stream.ELBO_NOISE, 0), (rng.Stream.ELBO_PROBE, 0))
-        for sl in row_blocks(b, max(1, max_batch // n_t)):
-            u, z, probes = _draws(seed, streams, keys[sl], n_t, shape, probe, n_p)
+        blocks = row_blocks(b, max(1, max_batch // (n_t * n_z)))
+        if progress is None:
+            progress = len(blocks) > 4
+        for sl in tqdm(blocks, desc="elbo", disable=not progress or len(blocks) < 2):
+            u, z, probes = _draws(seed, streams, keys[sl], n_t, shape, probe, n_p, n_z)
             lam = proposal.icdf((offsets + u) / strata)  # [b', n_t]
-            idx = torch.arange(sl.start, sl.stop, device=dev).repeat_interleave(n_t)
-            f = evaluate(idx, lam.flatten(), z.reshape(-1, *shape), probes).reshape(-1, n_t)
+            idx = torch.arange(sl.start, sl.stop, device=dev).repeat_interleave(n_t * n_z)
+            lam_rows = lam.repeat_interleave(n_z, dim=1).flatten()
+            f = evaluate(idx, lam_rows, z.reshape(-1, *shape), probes).reshape(-1, n_t, n_z).mean(2)
             integral[sl], var[sl] = stratified_mean_and_var((f / proposal.pdf(lam)).reshape(-1, strata, 2))
 
         noisy = torch.empty(b, dtype=torch.float64, device=dev)
@@ -257,7 +276,7 @@ def elbo(
                 integral[sl] += control_variate_integral(gauss, x_blk, lam_min, lam_max)
             noisy[sl], clean[sl] = end_terms(x_blk, lam_min, lam_max)
 
-    nfe = n_t + pilot_rows / b
+    nfe = n_t * n_z + pilot_rows / b
     vjp = nfe * vjp_per_row
     return LogDensity(
         logp=(noisy + integral + clean).cpu(),
@@ -270,6 +289,7 @@ def elbo(
             "lam_min": lam_min,
             "lam_max": lam_max,
             "n_t": n_t,
+            "n_z": n_z,
             "probe": probe,
             "n_probes": n_p,
             "importance": importance if isinstance(importance, str) else "proposal",

@@ -36,7 +36,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of float64 working rows per network cal
 
 class EpsFn(Protocol):
     """``eps_fn(x_t [B, *shape], t [B] float64) -> eps [B, *shape]``, predicting ``E[z | x_t]``
-    for ``x_t = sqrt(1-t) x + sqrt(t) z`` (DESIGN.md §1). Score = ``-eps / sqrt(t)``."""
+    for ``x_t = sqrt(1-t) x + sqrt(t) z`` (docs/design.md §1). Score = ``-eps / sqrt(t)``."""
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor: ...
 
@@ -130,7 +130,7 @@ def resolve_max_batch(max_batch: int | None, row_numel: int, chunk_size: int | N
     if chunk_size is not None:
         warnings.warn("chunk_size is deprecated; use max_batch (rows per network call)", DeprecationWarning, 3)
         if max_batch is None:
-            max_batch = chunk_size
+            return check_int("chunk_size", chunk_size)
     if max_batch is None:
         return default_max_batch(row_numel)
     return check_int("max_batch", max_batch)
@@ -178,7 +178,8 @@ def check_data(x: Tensor, name: str = "x") -> Tensor:
         raise ValueError(f"{name} must be batched, shape [B, *shape]; got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch")
-    finite = torch.isfinite(x.flatten(1)).all(dim=1)
+    rows_per_block = max(1, (1 << 24) // max(1, x[0].numel()))  # bounded temporary, whatever B
+    finite = torch.cat([torch.isfinite(x[sl].flatten(1)).all(dim=1) for sl in row_blocks(x.shape[0], rows_per_block)])
     if not finite.all():
         rows = (~finite).nonzero().flatten()[:10].tolist()
         more = "" if (~finite).sum() <= 10 else f" (and {int((~finite).sum()) - 10} more)"

@@ -100,7 +100,7 @@ def bits_per_dim(nll: Tensor | float, dim: int, levels: int | None = None) -> Te
     """Convert a negative log-density in nats per example to bits per dimension.
 
     With ``levels=None`` this is plain ``nll / (d ln 2)``. For discrete data on ``L`` levels scaled to
-    [-1, 1] as ``x = 2k/(L-1) - 1`` and uniformly dequantised (DESIGN.md units), the continuous density
+    [-1, 1] as ``x = 2k/(L-1) - 1`` and uniformly dequantised (docs/design.md §2, units), the continuous density
     is converted to the probability of the integer grid: ``nll / (d ln 2) + log2((L - 1) / 2)``
     (the bin width in the [-1, 1] scale is ``2 / (L - 1)``).
     """

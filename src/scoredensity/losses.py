@@ -3,7 +3,7 @@
 Two weightings of the per-example denoising error ``||z - eps_theta(x_t, t)||^2``:
 
 * ``elbo`` (likelihood weighting): in log-SNR the density formula's integrand is
-  ``1/2 [D sigmoid(lam) - ||z - eps||^2] dlam`` (DESIGN.md §2), so with ``lam ~ q`` the one-sample estimate
+  ``1/2 [D sigmoid(lam) - ||z - eps||^2] dlam`` (docs/design.md §2), so with ``lam ~ q`` the one-sample estimate
   ``noisy_end + clean_end + integrand / q(lam)`` is an unbiased estimate of the bound
   :func:`scoredensity.formula.log_density` computes, with *the same* end terms
   (:func:`scoredensity.formula.end_terms`). The ``elbo`` loss is minus that: the training loss *is* the
@@ -104,8 +104,8 @@ class LamSampler:
         self.lam_min, self.lam_max = float(lam_min), float(lam_max)
         self.n_bins, self.floor, self.decay = int(n_bins), float(floor), float(decay)
         self.low_discrepancy = bool(low_discrepancy)
-        self.mean_sq = torch.zeros(self.n_bins, dtype=torch.float64)
-        self.seen = torch.zeros(self.n_bins, dtype=torch.float64)
+        self.mean_sq = torch.zeros(self.n_bins, dtype=torch.float64, device="cpu")  # small: kept on the CPU
+        self.seen = torch.zeros(self.n_bins, dtype=torch.float64, device="cpu")
         self._ddpm: DDPMSchedule | None = None
 
     # -- the proposal

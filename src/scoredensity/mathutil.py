@@ -2,7 +2,7 @@
 
 * :func:`std_normal_logp`: the prior ``log N(x; 0, I)`` per example.
 * :func:`reverse_drift` / :func:`reverse_drift_divergence`: the family of reverse-time processes with the
-  model's marginals, ``dx = [f - (1 + eta^2)/2 g^2 s] dt + eta g dW`` (DESIGN.md §3), written in log-SNR.
+  model's marginals, ``dx = [f - (1 + eta^2)/2 g^2 s] dt + eta g dW`` (docs/design.md §3), written in log-SNR.
 * :func:`make_probes` / :func:`divergence`: Hutchinson probes and the divergence of ``eps_fn`` (exact or
   estimated) by vector-Jacobian products.
 

@@ -266,6 +266,18 @@ class GaussianMixture:
 
         return error_at
 
+    def expected_denoising_error_grid(self, x: Tensor, t: Tensor) -> Tensor:
+        """:meth:`expected_denoising_error` of every row of ``x`` [B, d] at every time of ``t`` [N]: [B, N] float64,
+        as one matrix product (single Gaussian only; ``t`` in (0, 1), on ``x``'s device)."""
+        if self.num_components != 1:
+            raise ValueError("the closed-form denoising error exists for a single Gaussian only")
+        x = self._check_x(x).to(torch.float64)
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).flatten()
+        u2 = ((x - self.means[0]) @ self.evecs[0]) ** 2  # [B, d]
+        a2, s = (1 - t)[:, None], self.evals[0][None, :]
+        var = a2 * s + t[:, None]  # [N, d]
+        return ((a2 * s / var) ** 2).sum(1)[None, :] + (t * (1 - t))[None, :] * (u2 @ var.pow(-2).T)
+
 
 class StandardNormal:
     """``N(0, I)`` in closed form, in any dimension and on any device, without the d x d algebra of
@@ -293,6 +305,13 @@ class StandardNormal:
         xf = x.flatten(1).to(torch.float64)
         d, sq = xf.shape[1], xf.pow(2).sum(1)
         return lambda t: d * (1 - t) ** 2 + t * (1 - t) * sq
+
+    @staticmethod
+    def expected_denoising_error_grid(x: Tensor, t: Tensor) -> Tensor:
+        """:meth:`expected_denoising_error` of every row of ``x`` [B, *shape] at every ``t`` [N]: [B, N] float64."""
+        xf = x.flatten(1).to(torch.float64)
+        t = torch.as_tensor(t, dtype=torch.float64, device=xf.device).flatten()[None, :]
+        return xf.shape[1] * (1 - t) ** 2 + t * (1 - t) * xf.pow(2).sum(1, keepdim=True)
 
 
 # ---------------------------------------------------------------------- presets

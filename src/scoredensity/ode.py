@@ -29,6 +29,7 @@ import math
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
+from tqdm.auto import tqdm
 
 from . import rng
 from .epsfn import (
@@ -40,6 +41,7 @@ from .epsfn import (
     default_max_batch,
     resolve_lam_range,
     resolve_max_batch,
+    row_blocks,
 )
 from .logdensity import LogDensity
 from .mathutil import PROBES, divergence, reverse_drift, reverse_drift_divergence, std_normal_logp
@@ -104,6 +106,7 @@ def ode_log_likelihood(
     precision: str = "fp32",
     max_batch: int | None = None,
     chunk_size: int | None = None,
+    progress: bool | None = None,
 ) -> LogDensity:
     """Log-likelihood of ``x`` under the probability-flow ODE model of ``eps_fn`` (nats per example).
 
@@ -136,6 +139,7 @@ def ode_log_likelihood(
             accumulator and the prior stay float64).
         max_batch: examples solved together (one ODE per block; the graph of each call is freed after its
             vjps). Default from a memory budget. ``chunk_size``: deprecated alias.
+        progress: tqdm bar over blocks of examples (default: when more than 4 blocks).
 
     ``x`` may live on any device (``eps_fn`` is called there); the result is on the CPU.
 
@@ -152,6 +156,7 @@ def ode_log_likelihood(
     if trace == "hutchinson" and probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
     n_probes = check_int("n_probes", n_probes)
+    seed = check_int("seed", seed, minimum=-(1 << 63))
     max_num_steps = check_int("max_num_steps", max_num_steps)
     steps = check_int("steps", steps, allow_none=True)
     if not (rtol > 0 and atol > 0):
@@ -168,8 +173,10 @@ def ode_log_likelihood(
     solve = dict(rtol=rtol, atol=atol, method=method, steps=steps, max_num_steps=max_num_steps)
     n_acc = n_probes if trace == "hutchinson" else 1
     priors, ends, calls = [], [], []
-    for s in range(0, b, max_batch):
-        sl = slice(s, min(s + max_batch, b))
+    blocks = row_blocks(b, max_batch)
+    if progress is None:
+        progress = len(blocks) > 4
+    for sl in tqdm(blocks, desc="ode", disable=not progress or len(blocks) < 2):
         probes = None
         if trace == "hutchinson":
             probes = _probes(seed, keys[sl], x[sl], n_probes, probe)
@@ -184,9 +191,9 @@ def ode_log_likelihood(
     if n_acc > 1:
         stderr = c_end.std(0) / math.sqrt(n_acc)
     elif trace == "hutchinson":
-        stderr = torch.full((b,), float("nan"), dtype=torch.float64)
+        stderr = torch.full((b,), float("nan"), dtype=torch.float64, device="cpu")
     else:
-        stderr = torch.zeros(b, dtype=torch.float64)
+        stderr = torch.zeros(b, dtype=torch.float64, device="cpu")
     nfe = sum(calls) / b  # forward calls per example (each block has its own adaptive steps)
     vjp = nfe * (d if trace == "exact" else n_probes)
     return LogDensity(

@@ -33,7 +33,7 @@ class LambdaProposal:
     def __post_init__(self):
         if not self.lam_max > self.lam_min:
             raise ValueError(f"need lam_max > lam_min, got [{self.lam_min}, {self.lam_max}]")
-        m = torch.as_tensor(self.masses, dtype=torch.float64)
+        m = torch.as_tensor(self.masses, dtype=torch.float64).cpu()
         if m.dim() != 1 or len(m) == 0 or (m <= 0).any() or not torch.isfinite(m).all():
             raise ValueError("proposal masses must be a non-empty vector of positive finite numbers")
         object.__setattr__(self, "masses", m / m.sum())
@@ -41,7 +41,7 @@ class LambdaProposal:
     @classmethod
     def uniform(cls, lam_min: float, lam_max: float) -> LambdaProposal:
         """The uniform density on ``[lam_min, lam_max]``."""
-        return cls(lam_min, lam_max, torch.ones(1, dtype=torch.float64))
+        return cls(lam_min, lam_max, torch.ones(1, dtype=torch.float64, device="cpu"))
 
     @property
     def n_bins(self) -> int:
@@ -89,12 +89,16 @@ class LambdaProposal:
         Returns:
             The proposal, its masses on the CPU (pilot values from any device are moved there).
         """
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+        if not 0 < floor <= 1:
+            raise ValueError(f"floor must be in (0, 1], got {floor!r}")
         lam = torch.as_tensor(lam, dtype=torch.float64).flatten().cpu()
         values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
         width = (lam_max - lam_min) / n_bins
         idx = ((lam - lam_min) / width).floor().long().clamp(0, n_bins - 1)
-        sq = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, values**2)
-        cnt = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(values))
+        sq = torch.zeros(n_bins, dtype=torch.float64, device="cpu").index_add_(0, idx, values**2)
+        cnt = torch.zeros(n_bins, dtype=torch.float64, device="cpu").index_add_(0, idx, torch.ones_like(values))
         ms = sq / cnt.clamp_min(1)
         # share information with neighbours: bins are narrow and pilot counts small
         padded = torch.cat([ms[:1], ms, ms[-1:]])
