@@ -110,15 +110,20 @@ def reference_bpd(model, x, betas, *, variance, decoder_variance, clip, cdf, see
             z = step_noise(seed, Stream.DECODER_NOISE if j == 0 else Stream.DDPM_NOISE, keys, x.shape[1:], r)
             x_t = abar[j].sqrt() * x + (1 - abar[j]).sqrt() * z
             eps = model(x_t, j)
+            lv_j = model_lv[j]
+            if variance == "learned_range":  # the model's extra channels interpolate the two log-variances
+                eps, v = eps
+                frac = (v + 1) / 2
+                lv_j = frac * torch.log(betas[j]) + (1 - frac) * post_lv[j]
             x0 = (1 / abar[j]).sqrt() * x_t - (1 / abar[j] - 1).sqrt() * eps
             if clip:
                 x0 = x0.clamp(-1, 1)
             mean = coef1[j] * x0 + coef2[j] * x_t
             if j == 0:
-                vals.append(-_log_bin_mass(x, mean, 0.5 * model_lv[0], cdf).flatten(1).sum(1))
+                vals.append(-_log_bin_mass(x, mean, 0.5 * lv_j, cdf).flatten(1).sum(1))
             else:
                 true_mean = coef1[j] * x + coef2[j] * x_t
-                vals.append(_normal_kl(true_mean, post_lv[j], mean, model_lv[j]).flatten(1).sum(1))
+                vals.append(_normal_kl(true_mean, post_lv[j], mean, lv_j).flatten(1).sum(1))
         bits += torch.stack(vals).mean(0)
     prior = _normal_kl(abar[-1].sqrt() * x, torch.log(1 - abar[-1]), 0.0, torch.tensor(0.0, dtype=torch.float64))
     bits += prior.flatten(1).sum(1)
@@ -148,7 +153,7 @@ def _settings(name, over):
 
 
 def _compare(eps_fn, raw_model, x, betas, name, over):
-    est = ddpm_elbo(eps_fn, x, betas=betas, convention=name, n_z=1, decoder_draws=2, seed=4, **over)
+    est = ddpm_elbo(eps_fn, x, betas=betas, convention=name, n_z=1, decoder_draws=2, seed=4, norm_z=False, **over)
     ours = est.bits_per_dim()
     ref = reference_bpd(raw_model, x, betas, seed=4, n_dec=2, **_settings(name, over))
     assert est.info["convention"].startswith(name)
@@ -212,3 +217,49 @@ def test_the_choices_move_the_figure():
         other = ddpm_elbo(gm.eps, x, convention="improved-diffusion", **kw, **over)
         assert (other.logp - base).abs().max() > 1e-4, over
         assert "+" in other.info["convention"]
+
+
+def test_learned_range_matches_the_paper_step_by_step():
+    # improved-diffusion's learned_range model: the extra output channels interpolate log b_j and the clipped
+    # posterior log-variance; read through DiffusersEps.eps_and_log_variance
+    diffusers = pytest.importorskip("diffusers")
+    from helpers import tiny_unet
+
+    from scoredensity import DiffusersEps
+
+    unet = tiny_unet(out_mult=2).requires_grad_(False)
+    T = 30
+    sched = diffusers.DDPMScheduler(
+        num_train_timesteps=T, beta_start=1000 / T * 1e-4, beta_end=1000 / T * 0.02, variance_type="learned_range"
+    )
+    eps = DiffusersEps(unet, sched.config)
+    x = _grid_images(3, (1, 8, 8), seed=2)
+
+    def raw(x_t, j):
+        with torch.no_grad():
+            out = unet(x_t.float(), torch.full((x_t.shape[0],), j)).sample.double()
+        return out[:, :1], out[:, 1:]
+
+    for over in ({"variance": "learned_range"}, {"variance": "learned_range", "clip_denoised": False}):
+        _compare(eps, raw, x, eps.schedule.betas, "improved-diffusion", over)
+    with pytest.raises(ValueError, match="variance channels"):
+        ddpm_elbo(lambda x_t, t: x_t, x, betas=eps.schedule.betas, variance="learned_range")
+
+
+def test_vdm_categorical_decoder_is_a_distribution():
+    # VDM's decoder normalises N(mean; c_k, s^2) over the levels' centres c_k = 2(k + 1/2)/L - 1
+    from scoredensity.decoders import categorical_gaussian_log_likelihood
+
+    levels = 256
+    k = torch.arange(levels, dtype=torch.float64)
+    x = (2 * (k + 0.5) / levels - 1)[:, None]  # every value of a 1-d datum
+    mean = torch.full_like(x, 0.123)
+    logp = categorical_gaussian_log_likelihood(x, mean, math.log(0.05), levels)
+    assert abs(float(torch.logsumexp(logp, 0))) < 1e-12
+    direct = torch.log_softmax(-0.5 * ((0.123 - x[:, 0]) / 0.05) ** 2, 0)
+    assert torch.allclose(logp, direct, atol=1e-12)
+    # on the model's grid 2k/(L-1) - 1 (centres="grid") the argmax is the nearest level
+    g = categorical_gaussian_log_likelihood(
+        (2 * k / 255 - 1)[:, None], torch.full((levels, 1), 0.5, dtype=torch.float64), -3.0, levels, centres="grid"
+    )
+    assert int(g.argmax()) == round(1.5 * 255 / 2)

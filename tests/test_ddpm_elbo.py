@@ -181,3 +181,59 @@ def test_zero_terminal_snr_schedule_is_refused_not_inf():
     sched = DDPMSchedule.from_clock(CosineClock(), 100)
     assert float(sched.betas.max()) <= 0.999
     assert torch.isfinite(ddpm_elbo(gm.eps, x, schedule=sched).logp).all()
+
+
+def test_no_graph_on_a_trainable_module_and_batching_invariance():
+    # issue 11: inference mode (no autograd graph kept), and keyed draws that do not depend on max_batch or on the
+    # batch's composition (global example ids)
+    gm = mixture_preset("ring8")
+    x = mixture_points(gm, 6).float()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x_t, t):
+            return self.scale * gm.eps(x_t.double(), t).float()
+
+    net = Net()
+    a = ddpm_elbo(net, x, schedule=_sched(20), n_steps_sampled=8, seed=5)
+    assert a.logp.requires_grad is False and a.info["max_batch"] >= 1
+    b = ddpm_elbo(net, x, schedule=_sched(20), n_steps_sampled=8, seed=5, max_batch=5)
+    c = ddpm_elbo(net, x[3:], schedule=_sched(20), n_steps_sampled=8, seed=5, example_ids=torch.arange(3, 6))
+    assert torch.allclose(a.logp, b.logp, atol=1e-5) and torch.allclose(a.logp[3:], c.logp, atol=1e-5)
+    full = ddpm_elbo(net, x, schedule=_sched(20), seed=5)
+    fb = ddpm_elbo(net, x, schedule=_sched(20), seed=5, max_batch=7)
+    assert torch.allclose(full.logp, fb.logp, atol=1e-5)
+    with pytest.warns(DeprecationWarning):
+        ddpm_elbo(net, x, schedule=_sched(20), seed=5, chunk_size=7)
+
+
+def test_precision_and_cond():
+    # bf16 autocast of the network agrees with fp32 within the stated standard error; cond reaches the network
+    gm = mixture_preset("ring8")
+    x = mixture_points(gm, 8).float()
+    lin = torch.nn.Linear(2, 2)
+
+    def net(x_t, t):
+        return gm.eps(x_t.double(), t).float() + 0.01 * lin(x_t)
+
+    kw = dict(schedule=_sched(50), n_steps_sampled=16, seed=2)
+    fp32 = ddpm_elbo(net, x, **kw)
+    bf16 = ddpm_elbo(net, x, precision="bf16", **kw)
+    assert bf16.info["precision"] == "bf16"
+    se = (fp32.stderr**2 + bf16.stderr**2).sqrt()
+    assert ((fp32.logp - bf16.logp).abs() < 4 * se + 1e-3).all()
+    seen = []
+
+    def cond_net(x_t, t, c):
+        seen.append(c)
+        return gm.eps(x_t.double(), t).float()
+
+    labels = torch.arange(8)
+    out = ddpm_elbo(cond_net, x, cond=labels, **kw)
+    assert torch.allclose(out.logp, ddpm_elbo(gm.eps, x, **kw).logp, atol=1e-5)
+    assert all(c.shape[0] > 0 for c in seen) and set(torch.cat(seen).tolist()) == set(range(8))
+    with pytest.raises(ValueError, match="cond"):
+        ddpm_elbo(cond_net, x, cond=labels[:3], **kw)

@@ -132,3 +132,20 @@ def test_zero_terminal_snr_grid_interpolates_without_nan():
     assert float(t[-1]) == 1.0 and sched.times[48] < t[3] < 1.0
     back = sched.step_of_t(t[:4])
     assert torch.allclose(back, k[:4], atol=1e-9)
+
+
+def test_one_step_time_map_zero_terminal_snr_at_48_5():
+    # issue 12.4: one map between discrete steps and canonical time, used by the schedule and the diffusers adapter;
+    # on the zero-terminal-SNR last interval it is linear in sqrt(abar) = sqrt(1 - t)
+    from scoredensity.adapters import DiffusersEps
+
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 50, dtype=torch.float64), 0)
+    abar[-1] = 0.0
+    sched = DDPMSchedule(alphas_cumprod=abar)
+    j = torch.tensor([48.5], dtype=torch.float64)
+    expect = 1 - abar[48] / 4  # sqrt(abar) halfway between sqrt(abar_48) and 0
+    assert torch.allclose(sched.t_of_step(j), expect.reshape(1), rtol=0, atol=1e-15)
+    fake = DiffusersEps(lambda x, ts: x, {"trained_betas": sched.betas.tolist()})
+    assert torch.equal(fake.t_of_step(j), sched.t_of_step(j))
+    assert torch.equal(fake.step_of_t(sched.t_of_step(j)), sched.step_of_t(sched.t_of_step(j)))
+    assert torch.allclose(sched.step_of_t(sched.t_of_step(j)), j, atol=1e-9)

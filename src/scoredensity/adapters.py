@@ -1,4 +1,4 @@
-"""Foreign model conventions -> one ``EpsFn`` in canonical time (DESIGN.md §1).
+"""Foreign model conventions -> one ``EpsFn`` in canonical time (docs/design.md §1).
 
 Canonical time: ``x_t = a x + s z`` with ``a = sqrt(1 - t)``, ``s = sqrt(t)``. Every model the library consumes
 is seen as ``eps(x_t, t) = E[z | x_t]``. This module is the one place where other conventions are converted:
@@ -52,6 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .ddpm import reverse_variances  # the one definition of the DDPM reverse / posterior variances
 from .schedules import DDPMSchedule, VPLinearClock, alpha_sigma_from_logsnr, logsnr_from_t
 
 __all__ = [
@@ -554,32 +555,15 @@ class DiffusersEps(nn.Module):
         return float(self.times[0]), float(self.times[-1])
 
     def step_of_t(self, t: Tensor) -> Tensor:
-        """Fractional 0-based timestep [B] float64 of canonical ``t`` [B] (log-SNR interpolation, clamped to
-        [0, T-1]; the zero-terminal-SNR last interval linear in ``sqrt(1 - t)``)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        j = self.schedule.step_of_t(t)
-        if self.zero_terminal_snr and self.num_train_timesteps > 1:
-            t_prev = self.times[-2]
-            a_prev = torch.sqrt(1 - t_prev)
-            w = ((a_prev - torch.sqrt((1 - t).clamp_min(0))) / a_prev).clamp(0, 1)
-            j = torch.where(t > t_prev, (self.num_train_timesteps - 2) + w, j)
-        return j
+        """Fractional 0-based timestep [B] float64 of canonical ``t`` [B]: the schedule's one map
+        (:meth:`~scoredensity.schedules.DDPMSchedule.step_of_t`: log-SNR interpolation, ``sqrt(1 - t)`` on a
+        zero-terminal-SNR last interval), clamped to [0, T-1]."""
+        return self.schedule.step_of_t(torch.as_tensor(t, dtype=torch.float64))
 
     def t_of_step(self, j: Tensor) -> Tensor:
-        """Canonical time [B] float64 of a fractional 0-based timestep ``j`` (inverse of :meth:`step_of_t`)."""
-        j = torch.as_tensor(j, dtype=torch.float64).clamp(0, self.num_train_timesteps - 1)
-        if not self.zero_terminal_snr:
-            return self.schedule.t_of_step(j)
-        last = self.num_train_timesteps - 2
-        jf = j.clamp(max=max(last, 0))
-        lam = logsnr_from_t(self.times[:-1])
-        k0 = jf.floor().long().clamp(0, max(last - 1, 0))
-        k1 = (k0 + 1).clamp(max=last)
-        w = jf - k0.to(jf.dtype)
-        t_mid = torch.sigmoid(-(lam[k0] * (1 - w) + lam[k1] * w))
-        a_prev = torch.sqrt(1 - self.times[-2])
-        a = a_prev * (1 - (j - last).clamp(0, 1))
-        return torch.where(j > last, 1 - a**2, t_mid)
+        """Canonical time [B] float64 of a fractional 0-based timestep ``j`` (the schedule's map, inverse of
+        :meth:`step_of_t`)."""
+        return self.schedule.t_of_step(torch.as_tensor(j, dtype=torch.float64))
 
     # -------------------------------------------------------------------- model calls
     def _model_dtype(self, x: Tensor) -> tuple[torch.dtype, torch.device]:
@@ -654,6 +638,47 @@ class DiffusersEps(nn.Module):
         mean, _ = self._split(self.model_output(x_t, j), x_t)
         return eps_from(self.kind, mean, x_t, t).to(x_t.dtype)
 
+    def eps_and_log_variance(self, x_t: Tensor, t: Tensor, *, clipped: bool = True) -> tuple[Tensor, Tensor]:
+        """``eps`` and the reverse step's log-variance, both [B, *shape], from one network call at grid times ``t``
+        [B] (canonical ``t_j`` of integer timesteps; the DDPM bound of a learned-variance model).
+
+        ``learned_range`` interpolates ``log b_j`` and the posterior log-variance with ``f = (out + 1) / 2``; with
+        ``clipped`` (default, improved-diffusion's ``posterior_log_variance_clipped``) the posterior variance at
+        ``j = 0`` is ``beta_tilde_1`` (the next step's), else diffusers' floor 1e-20. ``learned``: the channels are
+        the log-variance. Fixed variance types return their constant log-variance.
+
+        Raises:
+            ValueError: if ``t`` is not on the training grid.
+        """
+        t = _as_t(t, x_t)
+        j = self.step_of_t(t.cpu()).to(x_t.device)
+        step = j.round()
+        if ((j - step).abs() > 1e-6).any():
+            raise ValueError("eps_and_log_variance needs times on the training grid (integer timesteps)")
+        step = step.long()
+        mean, var = self._split(self.model_output(x_t, step), x_t)
+        eps = eps_from(self.kind, mean, x_t, self.times.to(x_t.device)[step]).to(x_t.dtype)
+        large, post = reverse_variances(self.schedule, "fixed_large", "beta")
+        if clipped and len(post) > 1:
+            post = post.clone()
+            post[0] = post[1]
+        log_b = large.log().to(x_t.device)[step]
+        log_bt = post.clamp_min(1e-20).log().to(x_t.device)[step]
+        shape = (-1,) + (1,) * (x_t.dim() - 1)
+        vt = self.variance_type
+        if vt == "learned":
+            lv = var.to(torch.float64)
+        elif vt == "learned_range":
+            frac = (var.to(torch.float64) + 1) / 2
+            lv = frac * log_b.reshape(shape) + (1 - frac) * log_bt.reshape(shape)
+        elif vt in ("fixed_small", "fixed_small_log"):
+            lv = log_bt.reshape(shape).expand_as(x_t).to(torch.float64)
+        elif vt in ("fixed_large", "fixed_large_log"):
+            lv = log_b.reshape(shape).expand_as(x_t).to(torch.float64)
+        else:
+            raise ValueError(f"unknown variance_type {vt!r}")
+        return eps, lv
+
     def reverse_log_variance(self, x_t: Tensor, step: Tensor) -> Tensor:
         """Log-variance [B, *shape] of the reverse step ``p(x_{j-1} | x_j)`` at integer timesteps ``step`` [B],
         as diffusers' ``DDPMScheduler`` defines it for this ``variance_type``.
@@ -664,11 +689,9 @@ class DiffusersEps(nn.Module):
         evaluated between grid steps has no reverse variance: integer steps only.
         """
         step = torch.as_tensor(step, device=x_t.device).long()
-        betas = self.schedule.betas.to(x_t.device)
-        times = self.times.to(x_t.device)
-        prev = torch.where(step > 0, times[(step - 1).clamp_min(0)], torch.zeros_like(times[step]))
-        beta = betas[step]
-        beta_tilde = (prev / times[step] * beta).clamp_min(1e-20)
+        large, post = reverse_variances(self.schedule, "fixed_large", "beta")  # (b_j, beta_tilde_j), float64
+        beta = large.to(x_t.device)[step]
+        beta_tilde = post.to(x_t.device)[step].clamp_min(1e-20)
         shape = (-1,) + (1,) * (x_t.dim() - 1)
         vt = self.variance_type
         if vt in ("fixed_small", "fixed_small_log"):

@@ -1,6 +1,6 @@
 """The discrete DDPM evidence lower bound ``-(L_T + sum_{k>=2} L_{k-1} + L_0)`` of a T-step model (Ho et al. 2020).
 
-The model is read through canonical time (DESIGN.md §1, §3): step ``k`` (1-based) of a
+The model is read through canonical time (docs/design.md §1, §3): step ``k`` (1-based) of a
 :class:`~scoredensity.schedules.DDPMSchedule` sits at ``t_k = 1 - abar_k``, so ``x_k = sqrt(abar_k) x + sqrt(t_k) z``
 and the network is called as ``eps_fn(x_k, t_k)``. With ``a_k = 1 - b_k`` and ``t_0 = 0``:
 
@@ -12,13 +12,19 @@ and the network is called as ``eps_fn(x_k, t_k)``. With ``a_k = 1 - b_k`` and ``
 * reverse variance ``sigma_k^2`` (:func:`reverse_variances`): ``fixed_large`` = ``b_k`` (the KL weight on
   ``||z - eps||^2`` is ``b_k / (2 a_k t_k)``, a Riemann sum of ``dt / (2 t (1-t))``: seed 000 §4.1) or
   ``fixed_small`` = ``sigma~_k^2 = b_k t_{k-1} / t_k`` (weight ``b_k / (2 a_k t_{k-1})``, a gap of about
-  ``0.289 d`` nats remains as ``T -> inf``, DESIGN.md §3);
+  ``0.289 d`` nats remains as ``T -> inf``, docs/design.md §3);
 * the **KL terms** ``L_{k-1} = KL(N(mu~_k, sigma~_k^2) || N(mu_k, sigma_k^2))`` for ``k >= 2`` split into a
   model-free constant ``d/2 (r_k - 1 - log r_k)``, ``r_k = sigma~_k^2 / sigma_k^2``, summed exactly, and the
   model's part ``c1_k^2 ||x - x0_hat||^2 / (2 sigma_k^2)``, estimated (:func:`kl_constants`, :func:`kl_weights`);
 * the **prior term** ``L_T = KL(q(x_T | x) || N(0, I))`` (:func:`scoredensity.decoders.prior_kl`);
 * the **decoder term** ``L_0 = -log p(x | x_1)`` with mean ``mu_1 = x0_hat(x_1)`` (:func:`decoder_log_likelihood`):
-  discretised Gaussian for data on a grid, Gaussian density for continuous data.
+  discretised Gaussian for data on a grid, Gaussian density for continuous data;
+* learned variances (``learned_range`` / ``learned``, improved-diffusion): ``sigma_k^2`` per element from the
+  model's variance channels; every ``L_{k-1}`` is then the model's (element-wise Gaussian KL) and the decoder uses
+  the model's variance at step 1.
+
+Published conventions (Ho et al.'s and improved-diffusion's ``calc_bpd_loop``: decoder variance ``sigma~_2^2``,
+clipped ``x0_hat``, tanh CDF) are named in :mod:`scoredensity.conventions` and selected with ``convention=``.
 
 Estimating the sum (``n_steps_sampled``):
 
@@ -31,17 +37,22 @@ Estimating the sum (``n_steps_sampled``):
   bounds the weights), two or more draws per stratum, so the estimator
   ``(1/n_s) sum_j mean_j f(k)/q(k)`` is unbiased and its variance has the unbiased estimate
   ``(1/n_s^2) sum_j s_j^2 / n_j``. Uniformly sampled steps (``step_proposal="uniform"``) are heavy-tailed: a few
-  small-k steps carry most of the sum.
+  small-k steps carry most of the sum. Measured with 50 steps per image on a trained digits U-Net (T = 1000,
+  16 images, 17 levels): per-image standard error 2.29 / 0.096 / 0.156 bits/dim (uniform / analytic / pilot,
+  fixed_large) and 5.23 / 0.108 / 0.233 (fixed_small); on a 12-d exact Gaussian the analytic proposal's
+  per-example z-scores have spread 1.04-1.14 where uniform steps give 3.6-4.0.
 
 Randomness goes through :mod:`scoredensity.rng` (streams ``DDPM_NOISE``, ``DDPM_STEPS``, ``DDPM_PILOT``,
 ``DECODER_NOISE``) keyed by example id and draw number, generated on ``x``'s device: results do not depend on
 batch, chunk or shard boundaries, and a test can rebuild the exact ``z`` of every term ("matched noise").
 
-``norm_z`` (unbiased control variate): ``||z - eps||^2 - ||z||^2 + d`` in place of ``||z - eps||^2`` (the model's
-part of each KL term and the Gaussian decoder; with clipping ``w_k (||z||^2 - d)`` is subtracted likewise).
-Measured (benchmarks/norm_z.py, docs/bench_norm_z.md): it cancels the chi-square noise of the first steps when
-``eps`` is close to the exact one, but it doubled the per-image spread of a random-weight diffusers U-Net at
-T = 100; the default is off here and on in the density formula (exact scores at high SNR).
+``norm_z`` (unbiased control variate): ``||z - eps||^2 - c_k (||z||^2 - d)`` in place of ``||z - eps||^2`` (the
+model's part of each KL term and the Gaussian decoder), with a fixed coefficient per step
+(:func:`norm_z_coefficients`): ``False`` 0, ``True`` 1, ``"snr"`` (default) ``(1 - t_k)^2``. Measured
+(benchmarks/norm_z.py, docs/bench_norm_z.md, per-example variance relative to ``False``): ``"snr"`` 0.02-0.22 with
+exact Gaussian scores, 0.22-0.55 with a random-weight U-Net, 0.26 / 0.15 (fixed_large / fixed_small) with a
+trained digits U-Net at its T = 1000, but 2.2 / 2.1 with that U-Net on every 10th step (T = 100), where ``False``
+is best and ``True`` costs 5.8 / 3.0.
 """
 
 from __future__ import annotations
@@ -56,7 +67,7 @@ from torch import Tensor
 from . import rng
 from .conventions import Convention, get_convention
 from .decoders import CDFS, discretized_gaussian_log_likelihood, prior_kl
-from .epsfn import EpsFn, call_eps, check_data, check_int, resolve_max_batch
+from .epsfn import EpsFn, autocast_context, call_eps, check_data, check_int, resolve_max_batch
 from .logdensity import LogDensity
 from .schedules import DDPMSchedule
 
@@ -72,11 +83,14 @@ __all__ = [
     "NOISE_BLOCK",
     "discretized_gaussian_log_likelihood",
     "VARIANCES",
+    "LEARNED_VARIANCES",
     "DECODERS",
     "DECODER_VARIANCES",
 ]
 
 VARIANCES = ("fixed_large", "fixed_small")
+LEARNED_VARIANCES = ("learned_range", "learned")
+"""Reverse variances read from the model's variance channels (``eps_fn.eps_and_log_variance``)."""
 DECODERS = ("gaussian", "discretized")
 DECODER_VARIANCES = ("model", "beta", "posterior")
 _LOG_2PI = math.log(2 * math.pi)
@@ -163,6 +177,24 @@ def decoder_log_likelihood(
     return -0.5 * (d * (_LOG_2PI + torch.log(variance)) + diff / variance)
 
 
+NORM_Z = (False, True, "snr")
+
+
+def norm_z_coefficients(schedule: DDPMSchedule, norm_z: bool | str) -> Tensor:
+    """Coefficients ``c_k`` [T] of the control variate ``c_k (||z||^2 - d)`` subtracted from ``||z - eps||^2``.
+
+    ``False``: 0; ``True``: 1 (``norm_z`` of the density formula); ``"snr"``: ``(1 - t_k)^2``, the
+    variance-optimal coefficient ``Cov(||z - eps||^2, ||z||^2) / Var(||z||^2)`` for data ``N(0, I)`` with its
+    exact ``eps`` (1 at high SNR where ``eps`` is unrelated to ``z``, 0 at low SNR where ``eps ≈ z``). Any fixed
+    coefficient keeps the estimator unbiased.
+    """
+    if norm_z is True or norm_z is False:
+        return torch.full_like(schedule.times, float(norm_z))
+    if norm_z == "snr":
+        return (1 - schedule.times).pow(2)
+    raise ValueError(f"norm_z must be one of {NORM_Z}, got {norm_z!r}")
+
+
 # ---------------------------------------------------------------------------------------------- step proposal
 @dataclass(frozen=True)
 class StepProposal:
@@ -226,35 +258,52 @@ class _Setup:
     t: Tensor  # [T] canonical times
     weights: Tensor  # [T] c1^2 / (2 sigma^2)
     clip: bool
-    norm_z: bool
+    learned: bool  # reverse variance from the model's variance channels
+    post_lv: Tensor  # [T] log of the clipped posterior variance (sigma~_1^2 -> sigma~_2^2)
+    c1: Tensor  # [T] posterior-mean coefficient of x
+    cv: Tensor  # [T] coefficient of the ||z||^2 - d control variate per step (0: off)
     precision: str
     max_batch: int
     seed: int
 
 
-def _step_rows(s: _Setup, ex: Tensor, k: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """For rows (example ``ex`` [N], 0-based step ``k`` [N], noise ``z`` [N, *shape] float64): the squared error
-    ``||x - x0_hat||^2`` (norm_z-corrected as ``w``-free units, see :func:`_kl_model_part`) and ``x0_hat``.
+def _step_rows(s: _Setup, ex: Tensor, k: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """For rows (example ``ex`` [N], 0-based step ``k`` [N], noise ``z`` [N, *shape] float64): the model's part of
+    the step and ``x0_hat``.
 
-    Returns ``(sq [N], x0_hat [N, *shape])`` float64, with ``sq`` the distance in data space.
+    Fixed variances: ``sq`` = ``||x - x0_hat||^2`` less the control variate ``c_k t_k / abar_k (||z||^2 - d)``
+    (:func:`norm_z_coefficients`), to be multiplied by :func:`kl_weights`. Learned variances: ``sq`` is the whole
+    ``L_{k-1}`` (element-wise Gaussian KL with the model's log-variance ``lv``), returned with ``lv``.
+
+    Returns ``(sq [N], x0_hat [N, *shape], lv [N, *shape] or None)`` float64.
     """
     bshape = (-1,) + (1,) * (s.x.dim() - 1)
     x0 = s.x64[ex]
     a, sd = s.sqrt_abar[k].reshape(bshape), s.sqrt_t[k].reshape(bshape)
     xk = a * x0 + sd * z
     extra = () if s.cond is None else (s.cond[ex],)
-    eps = call_eps(s.eps_fn, xk.to(s.x.dtype), s.t[k], *extra, precision=s.precision)
-    eps = eps.to(torch.float64)
+    lv = None
+    if s.learned:
+        with autocast_context(s.precision, s.x.device):
+            eps, lv = s.eps_fn.eps_and_log_variance(xk.to(s.x.dtype), s.t[k], *extra)
+        eps, lv = eps.to(torch.float64), lv.to(torch.float64)
+    else:
+        eps = call_eps(s.eps_fn, xk.to(s.x.dtype), s.t[k], *extra, precision=s.precision).to(torch.float64)
     x0_hat = (xk - sd * eps) / a
     if s.clip:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
+    if s.learned:  # KL(N(mu~, sigma~^2) || N(mu, e^lv)) element-wise, mu~ - mu = c1 (x - x0_hat)
+        plv = s.post_lv[k].reshape(bshape)
+        diff2 = (s.c1[k].reshape(bshape) * (x0 - x0_hat)).pow(2)
+        kl = 0.5 * (-1.0 + lv - plv + torch.exp(plv - lv) + diff2 * torch.exp(-lv))
+        return kl.flatten(1).sum(1), x0_hat, lv
+    if s.clip:
         sq = (x0 - x0_hat).flatten(1).pow(2).sum(1)
     else:  # x - x0_hat = -sqrt(t_k / abar_k) (z - eps), without cancellation
         sq = (sd / a).flatten().pow(2) * (z - eps).flatten(1).pow(2).sum(1)
-    if s.norm_z:  # unbiased: E ||z||^2 = d, in the same units as sq
-        d = z[0].numel()
-        sq = sq - (sd / a).flatten().pow(2) * (z.flatten(1).pow(2).sum(1) - d)
-    return sq, x0_hat
+    d = z[0].numel()  # the control variate is unbiased: E ||z||^2 = d, and c_k does not depend on z
+    sq = sq - s.cv[k] * (sd / a).flatten().pow(2) * (z.flatten(1).pow(2).sum(1) - d)
+    return sq, x0_hat, None
 
 
 def step_noise(
@@ -293,6 +342,12 @@ class _Noise:
         return self.cache[:, draw % NOISE_BLOCK]
 
 
+def _example_block(s: _Setup) -> int:
+    """Examples handled together: their cached noise block (``NOISE_BLOCK`` draws each) stays within ``max_batch``
+    rows, the memory a network call is sized for."""
+    return min(s.x.shape[0], max(1, s.max_batch // NOISE_BLOCK))
+
+
 def _evaluate(s: _Setup, k_of: Callable[[int], Tensor], n_draws: int, stream: rng.Stream) -> Tensor:
     """Model part ``w_k ||x - x0_hat||^2`` of every (example, draw) [B, n_draws]: draw ``j`` of every example sits
     at 0-based step ``k_of(j)`` [B] with the noise ``step_noise(..., stream, j)``. Rows go to the network
@@ -300,8 +355,9 @@ def _evaluate(s: _Setup, k_of: Callable[[int], Tensor], n_draws: int, stream: rn
     b = s.x.shape[0]
     out = torch.empty(b, n_draws, dtype=torch.float64, device=s.x.device)
     ex_all = torch.arange(b, device=s.x.device)
-    for e0 in range(0, b, s.max_batch):
-        ex = ex_all[e0 : e0 + s.max_batch]
+    eb = _example_block(s)
+    for e0 in range(0, b, eb):
+        ex = ex_all[e0 : e0 + eb]
         noise = _Noise(s, stream, ex)
         per_call = max(1, s.max_batch // len(ex))
         for j0 in range(0, n_draws, per_call):
@@ -309,7 +365,7 @@ def _evaluate(s: _Setup, k_of: Callable[[int], Tensor], n_draws: int, stream: rn
             rows_ex = ex.repeat(len(js))
             rows_k = torch.cat([k_of(j)[ex] for j in js])
             z = torch.cat([noise(j) for j in js])
-            sq, _ = _step_rows(s, rows_ex, rows_k, z)
+            sq, _, _ = _step_rows(s, rows_ex, rows_k, z)
             out[ex, j0 : j0 + len(js)] = (s.weights[rows_k] * sq).reshape(len(js), -1).T
     return out
 
@@ -322,16 +378,22 @@ def _decoder_term(
     vals = torch.empty(b, draws, dtype=torch.float64, device=s.x.device)
     ex_all = torch.arange(b, device=s.x.device)
     d = s.x[0].numel()
-    for e0 in range(0, b, s.max_batch):
-        ex = ex_all[e0 : e0 + s.max_batch]
+    for e0 in range(0, b, _example_block(s)):
+        ex = ex_all[e0 : e0 + _example_block(s)]
         noise = _Noise(s, rng.Stream.DECODER_NOISE, ex)
         per_call = max(1, s.max_batch // len(ex))
         for j0 in range(0, draws, per_call):
             js = range(j0, min(j0 + per_call, draws))
             rows_ex = ex.repeat(len(js))
             z = torch.cat([noise(j) for j in js])
-            sq, x0_hat = _step_rows(s, rows_ex, torch.zeros_like(rows_ex), z)
-            if decoder == "gaussian":  # the quadratic is ||x - x0_hat||^2 (norm_z-corrected)
+            sq, x0_hat, lv = _step_rows(s, rows_ex, torch.zeros_like(rows_ex), z)
+            if lv is not None:  # the model's own decoder variance, element-wise
+                xr = s.x64[rows_ex]
+                if decoder == "gaussian":
+                    v = -0.5 * (_LOG_2PI + lv + (xr - x0_hat).pow(2) * torch.exp(-lv)).flatten(1).sum(1)
+                else:
+                    v = discretized_gaussian_log_likelihood(xr, x0_hat, 0.5 * lv, levels, cdf=cdf)
+            elif decoder == "gaussian":  # the quadratic is ||x - x0_hat||^2 (norm_z-corrected)
                 v = -0.5 * (d * (_LOG_2PI + torch.log(variance)) + sq / variance)
             else:
                 v = decoder_log_likelihood(s.x64[rows_ex], x0_hat, variance, decoder, levels, cdf)
@@ -347,7 +409,7 @@ def fit_step_proposal(
     variance: str = "fixed_large",
     decoder_variance: str = "model",
     clip_denoised: bool = False,
-    norm_z: bool = False,
+    norm_z: bool | str = False,
     seed: int = 0,
     pilot_examples: int = 8,
     pilot_steps: int = 64,
@@ -463,7 +525,17 @@ def _setup(
     chunk_size=None,
 ) -> _Setup:
     dev = x.device
-    model_var, _ = reverse_variances(sch, variance, decoder_variance)
+    learned = variance in LEARNED_VARIANCES
+    if learned and not callable(getattr(eps_fn, "eps_and_log_variance", None)):
+        raise ValueError(
+            f"variance={variance!r} needs a model with variance channels (eps_fn.eps_and_log_variance, e.g. a "
+            f"DiffusersEps of a learned-variance scheduler)"
+        )
+    model_var, post_var = reverse_variances(sch, "fixed_small" if learned else variance, decoder_variance)
+    post_clipped = post_var.clone()
+    post_clipped[0] = post_var[1] if len(post_var) > 1 else sch.betas[0]
+    c1, _ = posterior_mean_coefficients(sch)
+    weights = torch.ones_like(model_var) if learned else kl_weights(sch, model_var)
     return _Setup(
         eps_fn=eps_fn,
         x=x,
@@ -473,9 +545,12 @@ def _setup(
         sqrt_abar=torch.exp(0.5 * sch.log_alphas_cumprod).to(dev),
         sqrt_t=sch.times.sqrt().to(dev),
         t=sch.times.to(dev),
-        weights=kl_weights(sch, model_var).to(dev),
+        weights=weights.to(dev),
         clip=clip,
-        norm_z=norm_z,
+        learned=learned,
+        post_lv=torch.log(post_clipped).to(dev),
+        c1=c1.to(dev),
+        cv=(torch.zeros_like(c1) if learned else norm_z_coefficients(sch, norm_z)).to(dev),
         precision=precision,
         max_batch=resolve_max_batch(max_batch, x[0].numel(), chunk_size),
         seed=seed,
@@ -545,7 +620,7 @@ def ddpm_elbo(
     step_proposal: str | StepProposal | Tensor = "analytic",
     n_z: int | None = None,
     decoder_draws: int = 8,
-    norm_z: bool = False,
+    norm_z: bool | str = "snr",
     seed: int = 0,
     example_ids: Tensor | None = None,
     cond: Tensor | None = None,
@@ -572,7 +647,10 @@ def ddpm_elbo(
             ``"improved-diffusion"``, ``"scoredensity"``): sets ``variance``, ``decoder_variance``,
             ``clip_denoised``, ``cdf``, ``decoder`` and ``levels``; explicit arguments override it (the result's
             ``info["convention"]`` then lists the change). ``None``: this library's defaults below.
-        variance: ``"fixed_large"`` (default, ``sigma_k^2 = b_k``) or ``"fixed_small"`` (posterior variance).
+        variance: ``"fixed_large"`` (default, ``sigma_k^2 = b_k``), ``"fixed_small"`` (posterior variance), or
+            ``"learned_range"`` / ``"learned"``: the model's own variance per element, read with
+            ``eps_fn.eps_and_log_variance(x_t, t)`` (:class:`~scoredensity.adapters.DiffusersEps` of a
+            learned-variance model); then ``decoder_variance`` and ``norm_z`` do not apply.
         decoder: ``"gaussian"`` (default; continuous data: ``log N(x; mu_1, sigma_1^2)``) or ``"discretized"``
             (data on ``levels`` levels scaled to [-1, 1]; no dequantisation needed).
         levels: levels of the discretised decoder (default 256).
@@ -590,7 +668,8 @@ def ddpm_elbo(
         n_z: noise draws per step: default 2 when all steps are summed (needed for an unbiased standard error;
             with 1 the standard error is NaN), 1 with sampled steps.
         decoder_draws: draws of z for the decoder step (>= 2, gives its standard error).
-        norm_z: the ``||z||^2 - d`` control variate (unbiased; default off, see the module docstring).
+        norm_z: the ``c_k (||z||^2 - d)`` control variate: ``False``, ``True`` or ``"snr"`` (default; unbiased
+            for every choice; measurements in the module docstring).
         seed: key of all randomness. example_ids: [B] integer keys of the examples (default ``0..B-1``); pass
             global indices when a data set is evaluated in batches or shards.
         cond: [B, ...] row-aligned condition passed to ``eps_fn(x_t, t, cond)``.
@@ -608,8 +687,9 @@ def ddpm_elbo(
     sch = _schedule(betas, schedule, alphas_cumprod)
     ch = _resolve_choices(convention, variance, decoder_variance, clip_denoised, cdf, decoder, levels)
     variance, decoder, levels = ch["variance"], ch["decoder"], ch["levels"]
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    if variance not in VARIANCES + LEARNED_VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES + LEARNED_VARIANCES}, got {variance!r}")
+    learned = variance in LEARNED_VARIANCES
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if ch["cdf"] not in CDFS:
@@ -639,8 +719,10 @@ def ddpm_elbo(
     keys = rng.example_keys(example_ids, b, x.device).to(x.device)
     if cond is not None and cond.shape[0] != b:
         raise ValueError(f"cond must have one row per example ({b}), got shape {tuple(cond.shape)}")
-    model_var, post_var = reverse_variances(sch, variance, ch["decoder_variance"])
+    model_var, post_var = reverse_variances(sch, "fixed_small" if learned else variance, ch["decoder_variance"])
     consts = kl_constants(model_var, post_var, d)  # [T], model-free part, summed exactly
+    if learned:  # the whole KL is the model's
+        consts = torch.zeros_like(consts)
     with torch.inference_mode():
         s = _setup(
             eps_fn,
@@ -705,7 +787,7 @@ def ddpm_elbo(
             "cdf": ch["cdf"] if decoder == "discretized" else None,
             "clip_denoised": ch["clip_denoised"],
             "decoder_variance": ch["decoder_variance"],
-            "decoder_variance_value": float(model_var[0]),
+            "decoder_variance_value": None if learned else float(model_var[0]),
             "n_steps_sampled": n_steps_sampled,
             "step_proposal": proposal_kind,
             "pilot_calls": pilot_calls,
@@ -715,6 +797,8 @@ def ddpm_elbo(
             "seed": seed,
             "precision": precision,
             "max_batch": s.max_batch,
+            "lam_min": float(torch.log1p(-sch.times[-1]) - torch.log(sch.times[-1])),  # the grid's log-SNR range
+            "lam_max": float(torch.log1p(-sch.times[0]) - torch.log(sch.times[0])),
             "stderr": "unbiased per-step variance" if (n_z > 1 or n_steps_sampled) else "none (n_z = 1: NaN)",
         },
     )
@@ -769,7 +853,8 @@ def _resolve_proposal(
     elif step_proposal == "uniform":
         prop = StepProposal.uniform(T)
     elif step_proposal == "analytic":
-        prop = StepProposal.analytic(sch, variance, ch["decoder_variance"])
+        fixed = "fixed_small" if variance in LEARNED_VARIANCES else variance
+        prop = StepProposal.analytic(sch, fixed, ch["decoder_variance"])
     elif step_proposal == "pilot":
         return fit_step_proposal(
             s.eps_fn,

@@ -1,4 +1,4 @@
-"""Canonical time, log-SNR, and the clocks other codebases use (DESIGN.md §1).
+"""Canonical time, log-SNR, and the clocks other codebases use (docs/design.md §1).
 
 Canonical ("Li-Yan") time: ``x_t = sqrt(1 - t) x + sqrt(t) z`` for ``t`` in [0, 1]; ``t = 0`` is data,
 ``t = 1`` pure noise. Signal-to-noise ratio ``snr = (1 - t) / t`` and log-SNR
@@ -212,39 +212,45 @@ class DDPMSchedule:
         return torch.exp(self.log_alphas_cumprod)
 
     def t_of_step(self, k: Tensor) -> Tensor:
-        """Canonical time of a (possibly fractional) 0-based timestep index ``k`` in [0, T-1],
-        interpolated linearly in log-SNR between the grid points (diffusers' timestep ``j`` is index j)."""
-        k = _as_tensor(k).to(torch.float64)
+        """Canonical time of a (possibly fractional) 0-based timestep index ``k`` in [0, T-1]: the one map between
+        discrete steps and canonical time (diffusers' timestep ``j`` is index ``j``).
+
+        Between grid points the log-SNR is interpolated linearly (exact at the grid points). A zero-terminal-SNR
+        grid (``t_T = 1``, log-SNR ``-inf``) interpolates its last interval linearly in ``sqrt(1 - t) =
+        sqrt(abar)`` instead, the coordinate in which Lin et al.'s rescaling is affine; e.g. at ``k = T - 1.5``,
+        ``sqrt(abar) = sqrt(abar_{T-1}) / 2``.
+        """
+        k = _as_tensor(k).to(torch.float64).clamp(0, self.num_steps - 1)
         lam = logsnr_from_t(self.times)
         k0 = k.floor().clamp(0, self.num_steps - 1).long()
         k1 = (k0 + 1).clamp(max=self.num_steps - 1)
         w = (k - k0.to(k.dtype)).clamp(0, 1)
         l0, l1 = lam[k0], lam[k1]
         by_lam = t_from_logsnr(torch.where(w > 0, l0 * (1 - w) + l1 * w, l0))
-        # a zero-terminal-SNR grid ends at t = 1 (lam = -inf): interpolate t linearly on that interval
-        by_t = self.times[k0] * (1 - w) + self.times[k1] * w
-        return torch.where(torch.isfinite(l0) & torch.isfinite(l1), by_lam, by_t)
+        a0, a1 = (1 - self.times[k0]).clamp_min(0).sqrt(), (1 - self.times[k1]).clamp_min(0).sqrt()
+        by_sqrt_abar = 1 - (a0 * (1 - w) + a1 * w).pow(2)
+        return torch.where(torch.isfinite(l0) & torch.isfinite(l1), by_lam, by_sqrt_abar)
 
     def step_of_t(self, t: Tensor) -> Tensor:
-        """Fractional 0-based timestep index whose canonical time is ``t`` (inverse of
-        :meth:`t_of_step`, log-SNR interpolation; clamped to [0, T-1])."""
+        """Fractional 0-based timestep index whose canonical time is ``t``: the inverse of :meth:`t_of_step`
+        (log-SNR interpolation; ``sqrt(1 - t)`` on a zero-terminal-SNR last interval), clamped to [0, T-1]."""
         t = _as_tensor(t).to(torch.float64)
         lam_grid = -logsnr_from_t(self.times)  # increasing in k
         target = -logsnr_from_t(t)
         idx = torch.searchsorted(lam_grid, target.contiguous()).clamp(1, self.num_steps - 1)
         lo, hi = lam_grid[idx - 1], lam_grid[idx]
         w = ((target - lo) / (hi - lo)).clamp(0, 1)
-        # zero terminal SNR: the last grid point is t = 1 (infinite -lam); interpolate t linearly there
-        t_lo, t_hi = self.times[idx - 1], self.times[idx]
-        w_t = ((t - t_lo) / (t_hi - t_lo)).clamp(0, 1)
-        w = torch.where(torch.isfinite(lo) & torch.isfinite(hi), w, w_t)
+        # zero terminal SNR: the last grid point is t = 1 (infinite -lam); interpolate sqrt(1 - t) there
+        a_lo, a_hi = (1 - self.times[idx - 1]).clamp_min(0).sqrt(), (1 - self.times[idx]).clamp_min(0).sqrt()
+        w_a = ((a_lo - (1 - t).clamp_min(0).sqrt()) / (a_lo - a_hi)).clamp(0, 1)
+        w = torch.where(torch.isfinite(lo) & torch.isfinite(hi), w, w_a)
         out = (idx - 1).to(torch.float64) + w
         out = torch.where(target <= lam_grid[0], torch.zeros_like(out), out)
         return torch.where(target >= lam_grid[-1], torch.full_like(out, self.num_steps - 1), out)
 
     @classmethod
     def from_clock(cls, clock: VPLinearClock | CosineClock, num_steps: int) -> DDPMSchedule:
-        """``abar_k = abar(k / T)`` taken from one continuous clock (DESIGN.md §3), so step counts compare.
+        """``abar_k = abar(k / T)`` taken from one continuous clock (docs/design.md §3), so step counts compare.
 
         Betas are clipped at 0.999 as in Nichol & Dhariwal's cosine schedule (whose ``abar(1) = 0`` would give
         ``b_T = 1``, a zero-terminal-SNR step with an undefined reverse mean); only that last step moves.
