@@ -186,3 +186,27 @@ def test_convention_is_applied_named_and_listed(tmp_path, capsys):
     assert list(out["methods"]) == ["ddpm"] and out["convention"]["name"] == "improved-diffusion"
     assert {"decoder_variance", "clip_denoised", "cdf", "bin_width", "bits_offset"} <= set(out["convention"])
     assert out["methods"]["ddpm"]["convention"] == "improved-diffusion+variance=fixed_small"  # the model's own
+
+
+def test_learned_variance_model_gets_its_own_ddpm_bound():
+    from scoredensity.ddpm import ddpm_elbo
+    from scoredensity.image_eval import _round_keys
+
+    eps = DiffusersEps(tiny_unet(channels=1, out_mult=2), {**SCHED, "variance_type": "learned_range"})
+    images = torch.randint(0, 256, (5, 1, 8, 8), generator=torch.Generator().manual_seed(2))
+    res = evaluate_images(eps, images, methods=("ddpm",), ddpm_steps=None, progress=False)
+    r = res["methods"]["ddpm"]
+    assert r["variance"] == "learned_range"
+    x = (2 * images.double() / 255 - 1).float()
+    direct = ddpm_elbo(
+        eps,
+        x,
+        schedule=eps.schedule,
+        variance="learned_range",
+        decoder="discretized",
+        levels=256,
+        example_ids=_round_keys(torch.arange(5), 0),
+    )
+    assert r["bpd"] == pytest.approx(float((-direct.logp / (64 * math.log(2))).mean()), abs=1e-6)
+    fixed = evaluate_images(eps, images, methods=("ddpm",), variance="fixed_small", ddpm_steps=None, progress=False)
+    assert fixed["methods"]["ddpm"]["bpd"] != r["bpd"]  # the learned variances were used

@@ -217,10 +217,13 @@ def image_eval_settings(
             variance = variance or conv.variance  # improved-diffusion evaluates each model with its own variance
         variance = variance or getattr(eps_fn, "variance_type", "fixed_small")
         variance = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}.get(variance, variance)
-        if variance not in ("fixed_small", "fixed_large"):
+        learned = variance in ("learned_range", "learned")
+        if variance not in ("fixed_small", "fixed_large") and not learned:
+            raise ValueError(f"variance must be fixed_small, fixed_large, learned_range or learned; got {variance!r}")
+        if learned and not callable(getattr(eps_fn, "eps_and_log_variance", None)):
             raise ValueError(
-                f"the DDPM ELBO of a model with variance_type {variance!r} needs its learned reverse variances, "
-                "which this evaluation does not support yet; use methods without 'ddpm'"
+                f"the DDPM ELBO of a model with variance_type {variance!r} needs its learned reverse variances "
+                "(a DiffusersEps of a learned-variance model); use methods without 'ddpm'"
             )
     else:
         schedule, variance = None, None
@@ -406,7 +409,8 @@ def evaluate_images(
         t_range: ``(t_1, t_T)``, the trained range; the network is never called outside it.
         methods: subset of ``formula-discrete``, ``formula-dequantized``, ``ddpm``.
         schedule: the T-step grid for ``ddpm`` (default ``eps_fn.schedule``).
-        variance: ``fixed_small`` / ``fixed_large`` for ``ddpm`` (default the model's ``variance_type``).
+        variance: ``fixed_small`` / ``fixed_large`` / ``learned_range`` / ``learned`` for ``ddpm`` (default the
+            model's ``variance_type``; the learned ones read the model's variance channels).
         n_t: log-SNR nodes per example for the formula (each one network call).
         decoder_draws: z draws for the discretised decoder term.
         ddpm_steps: KL terms sampled per example for ``ddpm`` (unbiased); ``None`` sums all T.
