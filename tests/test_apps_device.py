@@ -221,3 +221,24 @@ def test_diffusion_loss_log_prob_on_the_device_returns_plain_cpu_results(device)
     assert _plain(ld.logp) and _plain(ld.stderr) and ld.logp.shape == (5,)
     assert torch.allclose(ld.logp, ld_big.logp, rtol=1e-5, atol=1e-5)
     assert all(p.grad is None for p in head.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ certify
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_certify_objective_noise_is_keyed_by_example_not_by_chunking(antithetic):
+    """The sample-average objectives draw through rng: an example's z at each of its nodes is the same however the
+    examples are chunked (the chunks' nodes differ, its noise does not); another seed moves it."""
+    from scoredensity.apps.certify import continuous_elbo_objective
+
+    x = _points(10)
+    kw = dict(n_t=4, n_z=2, antithetic=antithetic, seed=3)
+    one = continuous_elbo_objective(x, n_chunks=1, **kw)
+    four = continuous_elbo_objective(x, n_chunks=4, **kw)
+    other = continuous_elbo_objective(x, n_chunks=4, **{**kw, "seed": 4})
+    for i in range(10):
+        zi = [o.z[(o.rows == i) & (o.coef > 0)] for o in (one, four, other)]  # [n_t * n_z, d], node-major
+        assert zi[0].shape == (8, 2) and torch.equal(zi[0], zi[1]) and not torch.equal(zi[0], zi[2])
+        if antithetic:
+            pairs = zi[0].reshape(4, 2, 2)
+            assert torch.equal(pairs[:, 0], -pairs[:, 1])
+    assert not torch.equal(four.t[:4], four.t[4:8])  # each chunk has its own nodes

@@ -59,6 +59,8 @@ class Stream(enum.IntEnum):
     CLASSIFIER_CHECK = 45  # diffusion classifier: the probe that refuses an unconditional model
     DIFFLOSS_LAM = 46  # diffusion-loss head: log-SNR of each (token, draw) of a loss evaluation
     DIFFLOSS_NOISE = 47  # diffusion-loss head: z of each (token, draw) of a loss evaluation
+    CERTIFY_NODES = 48  # certify objectives: step 0 the chunk order of the examples, step 1 each chunk's nodes
+    CERTIFY_NOISE = 49  # certify objectives: z of each (example, node, draw)
 
 
 def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[int, int]) -> tuple[Tensor, ...]:
