@@ -119,6 +119,23 @@ def test_regulariser_gradient_does_not_depend_on_max_batch(device, gradient):
     assert not torch.allclose(a[0], c[0])  # the seed reaches the draws
 
 
+def test_regulariser_gradient_on_a_float32_network_in_bf16():
+    """A trainable float32 denoiser gets float32 inputs; bf16 autocast of it moves the estimates of -log p and its
+    gradient by less than their standard errors (same keyed draws); the network's parameters get no gradient."""
+    torch.manual_seed(0)
+    net = MLPDenoiser((2,), hidden=32, blocks=1, emb_dim=8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = _points().float()
+    v32, se32, g32, gse32 = regulariser_gradient(net, x, n_z=64, max_batch=100, lam_min=-12.0, lam_max=12.0)
+    v16, _, g16, _ = regulariser_gradient(net, x, n_z=64, max_batch=100, lam_min=-12.0, lam_max=12.0, precision="bf16")
+    assert v32.dtype == g32.dtype == torch.float64 and torch.isfinite(g16).all()
+    assert ((v16 - v32).abs() < se32).all(), (v16 - v32) / se32
+    assert ((g16 - g32).abs() < gse32).all(), (g16 - g32) / gse32
+    assert all(p.grad is None for p in net.parameters())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_score_regulariser_draws_are_keyed_by_example(device):
     """One sample's draw does not depend on the others in the batch; it is draw 0 of regulariser_gradient."""

@@ -225,7 +225,7 @@ def _check_conditional(eps_fn, x: Tensor, classes: list[int]) -> None:
     keys = rng.example_keys(None, b, dev)
     noise = rng.normals(0, rng.Stream.CLASSIFIER_CHECK, keys, tuple(x.shape[1:]), device=dev).to(x.device)
     xt = (0.6 * x[:b].to(torch.float64) + 0.8 * noise).to(x.dtype)
-    t = torch.full((b,), 0.64, dtype=torch.float64, device=x.device)
+    t = torch.full((b,), 0.64, dtype=torch.float64, device=dev)
     e0 = _call(eps_fn, xt, t, torch.full((b,), classes[0], dtype=torch.long, device=x.device))
     e1 = _call(eps_fn, xt, t, torch.full((b,), classes[1], dtype=torch.long, device=x.device))
     if torch.equal(e0, e1):
@@ -240,7 +240,8 @@ class _Rows:
     """Evaluates the per-node values of (example, class) pairs on shared or independent draws.
 
     Everything runs on ``dev`` (the data's device; the CPU for MPS data, whose float64 work cannot run there):
-    the keyed draws, ``x_t`` and the sums; only the network sees ``x``'s own device."""
+    the keyed draws, ``x_t`` and the sums; the network gets ``x_t`` on ``x``'s own device and
+    ``t`` (float64) on ``dev``, as in :func:`scoredensity.formula.log_density`."""
 
     def __init__(self, eps_fn, x, classes, weighting, proposal, schedule, crn, seed, max_batch, precision="fp32"):
         self.eps_fn, self.x, self.classes, self.precision = eps_fn, x, classes, precision
@@ -288,7 +289,7 @@ class _Rows:
         flat_z = z.reshape(p * n, *self.shape)
         out = torch.empty(p * n, dtype=torch.float64, device=self.dev)
         for sl in row_blocks(p * n, self.max_batch):
-            eps = _call(self.eps_fn, flat_x[sl], flat_t[sl].to(self.x.device), labels[sl], self.precision)
+            eps = _call(self.eps_fn, flat_x[sl], flat_t[sl], labels[sl], self.precision)  # t float64 on self.dev
             eps = eps.to(self.dev)
             if self.weighting == "formula":
                 lam = torch.log1p(-flat_t[sl]) - torch.log(flat_t[sl])

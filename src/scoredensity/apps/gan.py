@@ -103,18 +103,21 @@ def _regulariser_from_draws(
     precision: str,
 ) -> Tensor:
     """:func:`score_regulariser` at given draws: ``u`` [B] uniforms of the log-SNR, ``z`` [B, d] noise (float64,
-    on ``x``'s device). Returns [B] float64 with the chosen gradient."""
+    on ``work_device(x)``: ``x``'s device, the CPU for MPS). The network gets ``x_t`` on ``x``'s device and in its
+    dtype; the rest is float64 on the work device. Returns [B] float64 there, with the chosen gradient."""
+    dev = u.device
     lam, wq = _lam_weight(u, weighting, lam_min, lam_max)
-    x64 = x.to(torch.float64)
+    x64 = x.to(device=dev, dtype=torch.float64)
     a = torch.sigmoid(lam).sqrt()[:, None]
     t = torch.sigmoid(-lam)
     noisy, clean = end_terms(x64, lam_min, lam_max)  # noisy_end has a graph to x
     x_t = a * x64 + t.sqrt()[:, None] * z
     if gradient == "full":
-        eps = call_eps(eps_fn, x_t.to(x.dtype), t, precision=precision)
+        eps = call_eps(eps_fn, x_t.to(device=x.device, dtype=x.dtype), t, precision=precision).to(dev)
         return -(noisy + clean + wq * formula_integrand(z, eps, lam, True))
     with torch.no_grad():
-        eps = call_eps(eps_fn, x_t.detach().to(x.dtype), t, precision=precision).to(torch.float64)
+        eps = call_eps(eps_fn, x_t.detach().to(device=x.device, dtype=x.dtype), t, precision=precision)
+        eps = eps.to(device=dev, dtype=torch.float64)
         value = -(noisy + clean + wq * formula_integrand(z, eps, lam, True))
     # surrogate with gradient sigmoid(lam_min) x + (w/q) a (eps - z), value equal to the estimate
     sur = -noisy + wq * (a * (eps - z) * x64).sum(1)
@@ -162,7 +165,7 @@ def score_regulariser(
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the denoiser call only.
 
     Returns:
-        [B] float64 on ``x``'s device. Its value is the weighted objective's one-draw estimate
+        [B] float64 on ``x``'s device (the CPU for MPS). Its value is the weighted objective's one-draw estimate
         (``-log p_data(x)`` for ``weighting="formula"``); its gradient in ``x`` is the chosen estimator. Mean it
         and add ``coef *`` that to the generator loss.
     """
@@ -176,9 +179,7 @@ def score_regulariser(
     seed = _key_from(generator) if seed is None else int(seed)
     keys = rng.example_keys(example_ids, b, dev)
     u, z = _draws(seed, keys, 1, d, step, dev)
-    return _regulariser_from_draws(
-        eps_fn, x, u[:, 0].to(x.device), z[:, 0].to(x.device), gradient, weighting, lam_min, lam_max, precision
-    )
+    return _regulariser_from_draws(eps_fn, x, u[:, 0], z[:, 0], gradient, weighting, lam_min, lam_max, precision)
 
 
 def regulariser_gradient(
@@ -201,7 +202,7 @@ def regulariser_gradient(
 
     Args:
         eps_fn, gradient, weighting, lam_min, lam_max, precision: as in :func:`score_regulariser`.
-        x: [B, d] points (no graph needed), on the denoiser's device.
+        x: [B, d] points (no graph needed), on the denoiser's device and in its input dtype.
         n_z: independent draws of ``(lam, z)`` per point. max_batch: rows per network call (default 8192; each
             call keeps its graph through the denoiser until its gradient is taken); the results do not depend
             on it. seed, example_ids: key of the draws (draw ``r`` of point ``b`` is keyed by
@@ -222,15 +223,15 @@ def regulariser_gradient(
     n_z = check_int("n_z", n_z, 2)
     _check_options(gradient, weighting)
     lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
-    x = check_data(x.detach().to(torch.float64), "x")
+    x = check_data(x.detach(), "x")
     if x.dim() != 2:
         raise ValueError(f"x must be [B, d], got {tuple(x.shape)}")
     b, d = x.shape
     dev = work_device(x)
     keys = rng.example_keys(example_ids, b, dev)
     u, z = _draws(int(seed), keys, n_z, d, 0, dev)
-    u_rows = u.T.reshape(-1).to(x.device)  # draw-major: row r*b + i is draw r of point i
-    z_rows = z.transpose(0, 1).reshape(-1, d).to(x.device)
+    u_rows = u.T.reshape(-1)  # draw-major: row r*b + i is draw r of point i
+    z_rows = z.transpose(0, 1).reshape(-1, d)
     rows = x.repeat(n_z, 1)
     vals, grads = [], []
     for sl in row_blocks(rows.shape[0], max_batch):
@@ -240,7 +241,7 @@ def regulariser_gradient(
         )
         (gr,) = torch.autograd.grad(v.sum(), xr)
         vals.append(v.detach())
-        grads.append(gr.detach())
+        grads.append(gr.detach().to(torch.float64))
     v = torch.cat(vals).reshape(n_z, b)
     gr = torch.cat(grads).reshape(n_z, b, d)
     sq = math.sqrt(n_z)
