@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from scoredensity.apps.classifier import MixtureClassConditional, classify
+from scoredensity.apps.classifier import MixtureClassConditional, classify, confusion_matrix
 from scoredensity.apps.diffusion_loss import DiffusionLoss
 from scoredensity.apps.gan import GANConfig, regulariser_gradient, score_regulariser, train_gan
 from scoredensity.mixtures import GaussianMixture, mixture_preset
@@ -96,6 +96,21 @@ def test_classify_on_a_trainable_network_keeps_no_graph(device):
         assert _plain(getattr(res, name)), name
     assert all(p.grad is None for p in net.parameters())
     assert torch.isfinite(res.log_posterior).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_confusion_matrix_counts_pairs_without_a_loop(device):
+    """Vectorised counts equal a direct count; labels outside ``classes`` (either side) are not counted."""
+    g = torch.Generator().manual_seed(0)
+    y, p = torch.randint(0, 8, (400,), generator=g), torch.randint(0, 8, (400,), generator=g)
+    classes = [3, 1, 7]
+    cm = confusion_matrix(y.to(device), p.to(device), classes)
+    assert cm.device.type == "cpu"
+    for i, a in enumerate(classes):
+        for j, b in enumerate(classes):
+            assert int(cm[i, j]) == int(((y == a) & (p == b)).sum())
+    with pytest.raises(ValueError, match="differ in length"):
+        confusion_matrix(y, p[:-1], classes)
 
 
 # ------------------------------------------------------------------------------------------------ GAN

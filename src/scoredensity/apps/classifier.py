@@ -577,9 +577,13 @@ def expected_calibration_error(prob: Tensor, labels: Tensor, classes: Sequence[i
 
 def confusion_matrix(labels: Tensor, prediction: Tensor, classes: Sequence[int]) -> Tensor:
     """Counts [C, C]: row = true class, column = predicted class, in the order of ``classes``."""
-    pos = {c: i for i, c in enumerate(classes)}
-    out = torch.zeros(len(classes), len(classes), dtype=torch.long)
-    for y, p in zip(torch.as_tensor(labels).tolist(), torch.as_tensor(prediction).tolist(), strict=True):
-        if y in pos and p in pos:
-            out[pos[y], pos[p]] += 1
-    return out
+    labels = torch.as_tensor(labels).long().flatten().cpu()
+    prediction = torch.as_tensor(prediction).long().flatten().cpu()
+    if labels.shape != prediction.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and prediction {tuple(prediction.shape)} differ in length")
+    cls = torch.as_tensor(list(classes), dtype=torch.long)
+    is_y, is_p = labels[:, None] == cls[None], prediction[:, None] == cls[None]  # [B, C]
+    keep = is_y.any(1) & is_p.any(1)  # pairs outside ``classes`` are not counted
+    iy, ip = is_y[keep].long().argmax(1), is_p[keep].long().argmax(1)
+    out = torch.zeros(len(cls), len(cls), dtype=torch.long)
+    return out.index_put_((iy, ip), torch.ones_like(iy), accumulate=True)
