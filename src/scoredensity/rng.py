@@ -59,7 +59,7 @@ class Stream(enum.IntEnum):
     CLASSIFIER_CHECK = 45  # diffusion classifier: the probe that refuses an unconditional model
     DIFFLOSS_LAM = 46  # diffusion-loss head: log-SNR of each (token, draw) of a loss evaluation
     DIFFLOSS_NOISE = 47  # diffusion-loss head: z of each (token, draw) of a loss evaluation
-    CERTIFY_NODES = 48  # certify objectives: step 0 the chunk order of the examples, step 1 each chunk's nodes
+    CERTIFY_NODES = 48  # certify: step 0 the chunk order, step 1 each chunk's nodes, step 2 + k minibatch of step k
     CERTIFY_NOISE = 49  # certify objectives: z of each (example, node, draw)
 
 
