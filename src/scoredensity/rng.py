@@ -51,6 +51,16 @@ class Stream(enum.IntEnum):
     DDPM_PILOT = 30  # DDPM ELBO: pilot of the step proposal
     DEQUANT = 31  # dequantisation noise of evaluated data
     ELBO_NOISE = 32  # divergence ELBO: z at each node
+    GAN_LAM = 40  # GAN score regulariser: log-SNR of each (sample, draw)
+    GAN_NOISE = 41  # GAN score regulariser: z of each (sample, draw)
+    GAN_LATENT = 42  # GAN: generator inputs w (training steps and sampling)
+    GAN_DATA = 43  # GAN training: mixture component of each real sample
+    GAN_DATA_NOISE = 44  # GAN training: Gaussian part of each real sample
+    CLASSIFIER_CHECK = 45  # diffusion classifier: the probe that refuses an unconditional model
+    DIFFLOSS_LAM = 46  # diffusion-loss head: log-SNR of each (token, draw) of a loss evaluation
+    DIFFLOSS_NOISE = 47  # diffusion-loss head: z of each (token, draw) of a loss evaluation
+    CERTIFY_NODES = 48  # certify: step 0 the chunk order, step 1 each chunk's nodes, step 2 + k minibatch of step k
+    CERTIFY_NOISE = 49  # certify objectives: z of each (example, node, draw)
 
 
 def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[int, int]) -> tuple[Tensor, ...]:

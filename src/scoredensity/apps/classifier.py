@@ -27,10 +27,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .. import rng
 from ..decoders import end_terms
-from ..epsfn import PRECISIONS, autocast_context, check_data, resolve_max_batch
+from ..epsfn import (
+    PRECISIONS,
+    autocast_context,
+    check_data,
+    resolve_lam_range,
+    resolve_max_batch,
+    row_blocks,
+    work_device,
+)
 from ..formula import formula_integrand
-from ..losses import keyed_normals, keyed_uniforms
 from ..mixtures import GaussianMixture
 from ..proposals import LambdaProposal
 from ..rng import Stream
@@ -55,26 +63,34 @@ class MixtureClassConditional:
 
     ``model(x_t, t, y=labels)`` returns, row by row, the exact ``eps*`` of component ``y`` alone (a
     ``GaussianMixture.gaussian``); the null label ``K`` (or ``y=None``) gives the whole mixture's ``eps*``, as a
-    label-dropout network would. ``num_classes = K``.
+    label-dropout network would. ``num_classes = K``. It computes on the device of ``x_t`` (the parameters are
+    copied there once per device).
     """
 
     def __init__(self, gm: GaussianMixture):
         self.gm = gm
         self.num_classes = gm.num_components
         self.components = [GaussianMixture.gaussian(gm.means[k], gm.covs[k]) for k in range(gm.num_components)]
+        self._on: dict[torch.device, list[GaussianMixture]] = {gm.device: [*self.components, gm]}
+
+    def _models(self, device: torch.device) -> list[GaussianMixture]:
+        """The components and (last) the whole mixture, with parameters on ``device``."""
+        if device not in self._on:
+            self._on[device] = [m.to(device) for m in (*self.components, self.gm)]
+        return self._on[device]
 
     def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        models = self._models(x_t.device)
+        t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device)
         if y is None:
-            return self.gm.eps(x_t, t)
-        y = torch.as_tensor(y).long()
+            return models[-1].eps(x_t, t)
+        y = torch.as_tensor(y, device=x_t.device).long()
         if y.shape != (x_t.shape[0],) or (y < 0).any() or (y > self.num_classes).any():
             raise ValueError(f"labels must be [B] integers in 0..{self.num_classes} ({self.num_classes} = null label)")
         out = torch.empty_like(x_t)
-        t = torch.as_tensor(t, dtype=torch.float64)
-        for k in y.unique().tolist():
+        for k in y.unique().tolist():  # one call per class present, not per example
             rows = y == k
-            model = self.gm if k == self.num_classes else self.components[k]
-            out[rows] = model.eps(x_t[rows], t[rows])
+            out[rows] = models[k].eps(x_t[rows], t[rows]).to(out.dtype)
         return out
 
 
@@ -202,13 +218,16 @@ def _call(eps_fn, x_t: Tensor, t: Tensor, y: Tensor, precision: str = "fp32") ->
 
 
 def _check_conditional(eps_fn, x: Tensor, classes: list[int]) -> None:
-    """Refuse a model whose output does not depend on the label (an unconditional model)."""
+    """Refuse a model whose output does not depend on the label (an unconditional model). Probes the first few
+    points at ``t = 0.64`` with keyed noise (:attr:`~scoredensity.rng.Stream.CLASSIFIER_CHECK`) on their device."""
     b = min(4, x.shape[0])
-    noise = torch.randn(x[:b].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dev = work_device(x)
+    keys = rng.example_keys(None, b, dev)
+    noise = rng.normals(0, rng.Stream.CLASSIFIER_CHECK, keys, tuple(x.shape[1:]), device=dev).to(x.device)
     xt = (0.6 * x[:b].to(torch.float64) + 0.8 * noise).to(x.dtype)
-    t = torch.full((b,), 0.64, dtype=torch.float64)
-    e0 = _call(eps_fn, xt, t, torch.full((b,), classes[0], dtype=torch.long))
-    e1 = _call(eps_fn, xt, t, torch.full((b,), classes[1], dtype=torch.long))
+    t = torch.full((b,), 0.64, dtype=torch.float64, device=dev)
+    e0 = _call(eps_fn, xt, t, torch.full((b,), classes[0], dtype=torch.long, device=x.device))
+    e1 = _call(eps_fn, xt, t, torch.full((b,), classes[1], dtype=torch.long, device=x.device))
     if torch.equal(e0, e1):
         raise ValueError(
             "the model's output does not depend on the class label: an unconditional model was passed where a "
@@ -218,29 +237,36 @@ def _check_conditional(eps_fn, x: Tensor, classes: list[int]) -> None:
 
 # ---------------------------------------------------------------------------------------- the estimator
 class _Rows:
-    """Evaluates the per-node values of (example, class) pairs on shared or independent draws."""
+    """Evaluates the per-node values of (example, class) pairs on shared or independent draws.
+
+    Everything runs on ``dev`` (the data's device; the CPU for MPS data, whose float64 work cannot run there):
+    the keyed draws, ``x_t`` and the sums; the network gets ``x_t`` on ``x``'s own device and
+    ``t`` (float64) on ``dev``, as in :func:`scoredensity.formula.log_density`."""
 
     def __init__(self, eps_fn, x, classes, weighting, proposal, schedule, crn, seed, max_batch, precision="fp32"):
         self.eps_fn, self.x, self.classes, self.precision = eps_fn, x, classes, precision
         self.weighting, self.proposal, self.schedule = weighting, proposal, schedule
         self.crn, self.seed, self.max_batch = crn, seed, max_batch
         self.shape = tuple(x.shape[1:])
+        self.dev = work_device(x)
+        self.labels = torch.as_tensor(classes, dtype=torch.long, device=self.dev)  # [C]
+        self.times = None if schedule is None else schedule.times.to(self.dev)
         self.calls = 0
 
     def draws(self, key: Tensor, step: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """Stratified nodes for keys [P]: ``(t [P, n], weight [P, n], z [P, n, *shape])`` (two draws per stratum)."""
         strata = n // 2
-        u = keyed_uniforms(self.seed, step, key, n, stream=Stream.CLASSIFIER_LAM)
-        u = (torch.arange(strata, dtype=torch.float64).repeat_interleave(2)[None] + u) / strata
+        u = rng.uniforms(self.seed, Stream.CLASSIFIER_LAM, key, n, step=step, device=self.dev)
+        u = (torch.arange(strata, dtype=torch.float64, device=self.dev).repeat_interleave(2)[None] + u) / strata
         if self.weighting == "formula":
             lam = self.proposal.icdf(u)
             w = 1.0 / self.proposal.pdf(lam)
             t = torch.sigmoid(-lam)
         else:
             k = (u * self.schedule.num_steps).floor().long().clamp(max=self.schedule.num_steps - 1)
-            t = self.schedule.times[k]
+            t = self.times[k]
             w = torch.ones_like(t)
-        z = keyed_normals(self.seed, step, key, (n, *self.shape), stream=Stream.CLASSIFIER_NOISE)
+        z = rng.normals(self.seed, Stream.CLASSIFIER_NOISE, key, (n, *self.shape), step=step, device=self.dev)
         return t, w, z
 
     def values(self, ex: Tensor, cls: Tensor, step: int, n: int, antithetic: bool = False) -> Tensor:
@@ -254,18 +280,17 @@ class _Rows:
         else:
             t, w, z = self.draws(key, step, n)
         p = len(ex)
-        xs = self.x[ex].to(torch.float64)
+        xs = self.x[ex.to(self.x.device)].to(device=self.dev, dtype=torch.float64)
         bshape = (p, n) + (1,) * len(self.shape)
         x_t = (1 - t).sqrt().reshape(bshape) * xs[:, None] + t.sqrt().reshape(bshape) * z  # [P, n, *shape]
-        labels = torch.as_tensor(self.classes)[cls].repeat_interleave(n)
-        flat_x = x_t.reshape(p * n, *self.shape).to(self.x.dtype)
+        labels = self.labels[cls].repeat_interleave(n).to(self.x.device)  # [P n]
+        flat_x = x_t.reshape(p * n, *self.shape).to(device=self.x.device, dtype=self.x.dtype)
         flat_t = t.reshape(-1)
         flat_z = z.reshape(p * n, *self.shape)
-        out = torch.empty(p * n, dtype=torch.float64)
-        for s in range(0, p * n, self.max_batch):
-            sl = slice(s, min(s + self.max_batch, p * n))
-            with torch.no_grad():
-                eps = _call(self.eps_fn, flat_x[sl], flat_t[sl], labels[sl], self.precision)
+        out = torch.empty(p * n, dtype=torch.float64, device=self.dev)
+        for sl in row_blocks(p * n, self.max_batch):
+            eps = _call(self.eps_fn, flat_x[sl], flat_t[sl], labels[sl], self.precision)  # t float64 on self.dev
+            eps = eps.to(self.dev)
             if self.weighting == "formula":
                 lam = torch.log1p(-flat_t[sl]) - torch.log(flat_t[sl])
                 out[sl] = formula_integrand(flat_z[sl], eps, lam, True)
@@ -278,12 +303,12 @@ class _Rows:
 
 def _fit_pilot_proposal(rows: _Rows, b: int, lam_min: float, lam_max: float, examples: int, nodes: int):
     """A proposal ∝ RMS of the class-dependent part of the integrand (each class minus the class mean)."""
-    pick = torch.linspace(0, b - 1, min(b, examples)).round().long().unique()
+    pick = torch.linspace(0, b - 1, min(b, examples)).round().long().unique().to(rows.dev)
     c = len(rows.classes)
     saved = rows.proposal
     rows.proposal = LambdaProposal.uniform(lam_min, lam_max)
     ex = pick.repeat_interleave(c)
-    cls = torch.arange(c).repeat(len(pick))
+    cls = torch.arange(c, device=rows.dev).repeat(len(pick))
     crn = rows.crn
     rows.crn = True
     vals = rows.values(ex, cls, step=-1, n=nodes).reshape(len(pick), c, nodes)
@@ -311,8 +336,8 @@ def classify(
     common_random_numbers: bool = True,
     antithetic: bool = True,
     importance: str | LambdaProposal = "adaptive",
-    lam_min: float = -20.0,
-    lam_max: float = 20.0,
+    lam_min: float | None = None,
+    lam_max: float | None = None,
     num_steps: int = 1000,
     num_classes: int | None = None,
     check_conditional: bool = True,
@@ -342,18 +367,26 @@ def classify(
             ``z``, the largest part; ``round_size`` must then be a multiple of 4).
         importance: ``"adaptive"`` (a shared pilot fits a log-SNR proposal to the class-dependent part of the
             integrand), ``"uniform"``, or a :class:`LambdaProposal` on ``[lam_min, lam_max]`` (formula only).
+        lam_min, lam_max: log-SNR range of the formula, closed by exact end terms; ``None`` (default): the
+            model's own ``lam_range`` (a network from ``load_run``), else [-20, 20].
         num_steps: DDPM steps of the linear schedule for ``weighting="uniform"``.
         num_classes: classes the model was trained on, when it does not say (``model.config["num_classes"]`` or
             ``model.num_classes``).
         check_conditional: refuse a model whose output ignores the label.
-        seed: randomness keyed by (seed, round, example): results do not depend on batching.
+        seed: randomness keyed by (seed, round, example) through :mod:`scoredensity.rng` (streams
+            ``CLASSIFIER_LAM``, ``CLASSIFIER_NOISE``), generated on the data's device: results do not depend on
+            batching or on ``max_batch``, and the draws are the same on every device.
         max_batch: rows per network call (default ~2^18 / d); results do not depend on it.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the network call only; the integrand, the
             sums and the log-odds stay float64.
         chunk_size: deprecated alias of ``max_batch`` (DeprecationWarning).
 
+    The work runs on the device of ``x`` (which must be the model's) under ``torch.inference_mode()``: the
+    draws, the network calls and the float64 sums stay there, with no Python loop over examples; the results come
+    back on the CPU, without autograd history.
+
     Returns:
-        :class:`ClassifierResult`.
+        :class:`ClassifierResult` (tensors on the CPU).
 
     Raises:
         ValueError: labels outside the trained classes, a prior that does not match the classes, an
@@ -363,7 +396,7 @@ def classify(
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     classes = _resolve_classes(eps_fn_cond, classes, num_classes)
-    lp = _resolve_prior(log_prior, classes)
+    lam_min, lam_max = resolve_lam_range(eps_fn_cond, lam_min, lam_max)
     c = len(classes)
     unit = 4 if antithetic else 2
     if round_size < unit or round_size % unit:
@@ -376,8 +409,8 @@ def classify(
     max_batch = resolve_max_batch(max_batch, d, chunk_size)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if check_conditional:
-        _check_conditional(eps_fn_cond, x, classes)
+    dev = work_device(x)
+    lp = _resolve_prior(log_prior, classes).to(dev)
 
     proposal = None
     schedule = None
@@ -392,71 +425,41 @@ def classify(
             raise ValueError(f"importance must be 'adaptive', 'uniform' or a LambdaProposal, got {importance!r}")
     else:
         schedule = DDPMSchedule(linear_betas(num_steps))  # DDPM's linear 1e-4..0.02
-    rows = _Rows(
-        eps_fn_cond, x, classes, weighting, proposal, schedule, common_random_numbers, seed, max_batch, precision
-    )
-    pilot_calls = 0
-    if weighting == "formula" and importance == "adaptive":
-        rows.proposal = _fit_pilot_proposal(rows, b, lam_min, lam_max, pilot_examples, pilot_nodes)
-        pilot_calls = rows.calls
-
-    total = torch.zeros(b, c, dtype=torch.float64)  # sum of round estimates
-    cov_sum = torch.zeros(b, c, c, dtype=torch.float64)  # sum of per-round covariances over shared rounds
-    n_rounds = torch.zeros(b, c, dtype=torch.long)
-    alive = torch.ones(b, c, dtype=torch.bool)
-    spent = torch.zeros(b, dtype=torch.long)
-    strata = round_size // (4 if antithetic else 2)
-    step = 0
-    while True:
-        active = alive.sum(1) * round_size + spent <= budget  # the next round fits in the budget
-        if eliminate:
-            active &= alive.sum(1) > 1  # a decided example stops
-        if not active.any():
-            break
-        ex_idx, cls_idx = (alive & active[:, None]).nonzero(as_tuple=True)
-        vals = rows.values(ex_idx, cls_idx, step, round_size, antithetic)  # [P, n] or [P, n/2]
-        pairs = vals.reshape(-1, strata, 2)
-        est = pairs.mean((1, 2))  # [P]
-        half_diff = 0.5 * (pairs[:, :, 0] - pairs[:, :, 1])  # [P, S]: var per stratum = half_diff^2
-        total[ex_idx, cls_idx] += est
-        n_rounds[ex_idx, cls_idx] += 1
-        spent += torch.bincount(ex_idx, minlength=b) * round_size
-        # covariance across the alive classes of each example (zero across classes without common draws)
-        dense = torch.zeros(b, c, strata, dtype=torch.float64)
-        dense[ex_idx, cls_idx] = half_diff
-        cov_r = torch.einsum("bis,bjs->bij", dense, dense) / strata**2
-        if not common_random_numbers:
-            cov_r = torch.diag_embed(cov_r.diagonal(dim1=1, dim2=2))
-        cov_sum += cov_r
-        step += 1
-        if eliminate:
-            _eliminate(total, cov_sum, n_rounds, alive, active, lp, z_threshold, min_rounds)
-
-    if (n_rounds == 0).any():
-        raise RuntimeError("internal error: a class received no evaluation")  # pragma: no cover
-    est = total / n_rounds
-    nr = n_rounds.to(torch.float64)
-    cov = cov_sum / (nr[:, :, None] * nr[:, None, :])
-    if weighting == "formula":
-        noisy, clean = end_terms(x, lam_min, lam_max)
-        loglik = est + (noisy + clean)[:, None]
-    else:
-        loglik = est
-    scores = loglik + lp[None]
-    log_post = torch.log_softmax(scores, 1)
-    p = log_post.exp()
-    jac = torch.eye(c, dtype=torch.float64)[None] - p[:, None, :]  # row i: e_i - p
-    post_cov = jac @ cov @ jac.transpose(1, 2)
-    pred = torch.as_tensor(classes)[log_post.argmax(1)]
+    with torch.inference_mode():
+        if check_conditional:
+            _check_conditional(eps_fn_cond, x, classes)
+        rows = _Rows(
+            eps_fn_cond, x, classes, weighting, proposal, schedule, common_random_numbers, seed, max_batch, precision
+        )
+        pilot_calls = 0
+        if weighting == "formula" and importance == "adaptive":
+            rows.proposal = _fit_pilot_proposal(rows, b, lam_min, lam_max, pilot_examples, pilot_nodes)
+            pilot_calls = rows.calls
+        mean, cov, n_rounds, spent = _rounds(
+            rows, b, lp, budget, round_size, eliminate, z_threshold, min_rounds, antithetic
+        )
+        if weighting == "formula":
+            noisy, clean = end_terms(x.to(dev), lam_min, lam_max)
+            loglik = mean + (noisy + clean)[:, None]
+        else:
+            loglik = mean
+        scores = loglik + lp[None]
+        log_post = torch.log_softmax(scores, 1)
+        p = log_post.exp()
+        jac = torch.eye(c, dtype=torch.float64, device=dev)[None] - p[:, None, :]  # row i: e_i - p
+        post_cov = jac @ cov @ jac.transpose(1, 2)
+        pred = rows.labels[log_post.argmax(1)]
+        stderr = post_cov.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+        nfe = spent.to(torch.float64) + pilot_calls / b
     return ClassifierResult(
         classes=classes,
-        log_posterior=log_post,
-        stderr=post_cov.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt(),
-        log_likelihood=loglik,
-        covariance=cov,
-        prediction=pred,
-        rounds=n_rounds,
-        nfe=spent.to(torch.float64) + pilot_calls / b,
+        log_posterior=_cpu(log_post),
+        stderr=_cpu(stderr),
+        log_likelihood=_cpu(loglik),
+        covariance=_cpu(cov),
+        prediction=_cpu(pred),
+        rounds=_cpu(n_rounds),
+        nfe=_cpu(nfe),
         weighting=weighting,
         info={
             "budget": budget,
@@ -473,8 +476,68 @@ def classify(
             "precision": precision,
             "max_batch": max_batch,
             "pilot_calls": pilot_calls,
+            "device": str(dev),
         },
     )
+
+
+def _cpu(v: Tensor) -> Tensor:
+    """A normal (not inference-mode) CPU copy of a result tensor."""
+    return v.detach().to("cpu").clone()
+
+
+def _rounds(
+    rows: _Rows,
+    b: int,
+    lp: Tensor,
+    budget: int,
+    round_size: int,
+    eliminate: bool,
+    z_threshold: float,
+    min_rounds: int,
+    antithetic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Spend the budget in rounds over the alive (example, class) pairs, all examples of a round in one batch.
+
+    Returns:
+        ``(mean [B, C], covariance of the mean [B, C, C], rounds [B, C], calls spent [B])`` on ``rows.dev``.
+    """
+    dev, c = rows.dev, len(rows.classes)
+    total = torch.zeros(b, c, dtype=torch.float64, device=dev)  # sum of round estimates
+    cov_sum = torch.zeros(b, c, c, dtype=torch.float64, device=dev)  # sum of per-round covariances over shared rounds
+    n_rounds = torch.zeros(b, c, dtype=torch.long, device=dev)
+    alive = torch.ones(b, c, dtype=torch.bool, device=dev)
+    spent = torch.zeros(b, dtype=torch.long, device=dev)
+    strata = round_size // (4 if antithetic else 2)
+    step = 0
+    while True:
+        active = alive.sum(1) * round_size + spent <= budget  # the next round fits in the budget
+        if eliminate:
+            active &= alive.sum(1) > 1  # a decided example stops
+        if not bool(active.any()):
+            break
+        ex_idx, cls_idx = (alive & active[:, None]).nonzero(as_tuple=True)
+        vals = rows.values(ex_idx, cls_idx, step, round_size, antithetic)  # [P, n] or [P, n/2]
+        pairs = vals.reshape(-1, strata, 2)
+        est = pairs.mean((1, 2))  # [P]
+        half_diff = 0.5 * (pairs[:, :, 0] - pairs[:, :, 1])  # [P, S]: var per stratum = half_diff^2
+        total[ex_idx, cls_idx] += est
+        n_rounds[ex_idx, cls_idx] += 1
+        spent += torch.bincount(ex_idx, minlength=b) * round_size
+        # covariance across the alive classes of each example (zero across classes without common draws)
+        dense = torch.zeros(b, c, strata, dtype=torch.float64, device=dev)
+        dense[ex_idx, cls_idx] = half_diff
+        cov_r = torch.einsum("bis,bjs->bij", dense, dense) / strata**2
+        if not rows.crn:
+            cov_r = torch.diag_embed(cov_r.diagonal(dim1=1, dim2=2))
+        cov_sum += cov_r
+        step += 1
+        if eliminate:
+            _eliminate(total, cov_sum, n_rounds, alive, active, lp, z_threshold, min_rounds)
+    if bool((n_rounds == 0).any()):
+        raise RuntimeError("internal error: a class received no evaluation")  # pragma: no cover
+    nr = n_rounds.to(torch.float64)
+    return total / n_rounds, cov_sum / (nr[:, :, None] * nr[:, None, :]), n_rounds, spent
 
 
 def _eliminate(total, cov_sum, n_rounds, alive, active, lp, z_threshold, min_rounds) -> None:
@@ -483,7 +546,7 @@ def _eliminate(total, cov_sum, n_rounds, alive, active, lp, z_threshold, min_rou
     score = total / nr + lp[None]
     score = torch.where(alive, score, torch.full_like(score, -math.inf))
     lead = score.argmax(1)  # [B]
-    ar = torch.arange(len(lead))
+    ar = torch.arange(len(lead), device=lead.device)
     var = cov_sum.diagonal(dim1=1, dim2=2) / nr**2  # [B, C]
     cross = cov_sum[ar, lead] / (nr * nr[ar, lead][:, None])  # [B, C]
     diff_var = var[ar, lead][:, None] + var - 2 * cross
@@ -514,9 +577,13 @@ def expected_calibration_error(prob: Tensor, labels: Tensor, classes: Sequence[i
 
 def confusion_matrix(labels: Tensor, prediction: Tensor, classes: Sequence[int]) -> Tensor:
     """Counts [C, C]: row = true class, column = predicted class, in the order of ``classes``."""
-    pos = {c: i for i, c in enumerate(classes)}
-    out = torch.zeros(len(classes), len(classes), dtype=torch.long)
-    for y, p in zip(torch.as_tensor(labels).tolist(), torch.as_tensor(prediction).tolist(), strict=True):
-        if y in pos and p in pos:
-            out[pos[y], pos[p]] += 1
-    return out
+    labels = torch.as_tensor(labels).long().flatten().cpu()
+    prediction = torch.as_tensor(prediction).long().flatten().cpu()
+    if labels.shape != prediction.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and prediction {tuple(prediction.shape)} differ in length")
+    cls = torch.as_tensor(list(classes), dtype=torch.long)
+    is_y, is_p = labels[:, None] == cls[None], prediction[:, None] == cls[None]  # [B, C]
+    keep = is_y.any(1) & is_p.any(1)  # pairs outside ``classes`` are not counted
+    iy, ip = is_y[keep].long().argmax(1), is_p[keep].long().argmax(1)
+    out = torch.zeros(len(cls), len(cls), dtype=torch.long)
+    return out.index_put_((iy, ip), torch.ones_like(iy), accumulate=True)

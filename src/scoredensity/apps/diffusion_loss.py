@@ -33,8 +33,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .. import rng
 from ..data.toys import BimodalARProcess
-from ..epsfn import EpsFn, check_data
+from ..epsfn import EpsFn, autocast_context, check_data, check_precision, work_device
 from ..formula import log_density
 from ..logdensity import LogDensity
 from ..losses import WEIGHTINGS, LamSampler, elbo_loss
@@ -196,9 +197,19 @@ class DiffusionLoss(nn.Module):
 
     # -- training loss
     def forward(
-        self, x: Tensor, c: Tensor, mask: Tensor | None = None, reduction: str = "mean", generator=None
+        self,
+        x: Tensor,
+        c: Tensor,
+        mask: Tensor | None = None,
+        reduction: str = "mean",
+        generator: torch.Generator | None = None,
+        *,
+        seed: int | None = None,
+        step: int = 0,
+        example_ids: Tensor | None = None,
+        precision: str = "fp32",
     ) -> Tensor:
-        """Diffusion loss of tokens ``x`` [..., D] given ``c`` [..., C].
+        """Diffusion loss of tokens ``x`` [..., D] given ``c`` [..., C], computed on their device.
 
         Each token is noised ``t_per_token`` times. ``elbo``: log-SNR ``lam ~ q`` on ``[lam_min, lam_max]``
         (uniform, or the adaptive proposal of ``lam_sampling``) and the loss
@@ -206,39 +217,59 @@ class DiffusionLoss(nn.Module):
         token, an unbiased estimate of the negative bound that :meth:`log_prob` reports). ``simple``: ``t`` uniform
         on the same range and the mean over dimensions of ``||z - eps||^2``.
 
+        The draws go through :mod:`scoredensity.rng` (streams ``DIFFLOSS_LAM``, ``DIFFLOSS_NOISE``) on the tokens'
+        device: draw ``j`` of token ``i`` is keyed by ``(seed, step, example_ids[i], j)``, so it does not depend on
+        the batch, and is the same on every device.
+
         Args:
             mask: optional [...] token weights (MAR's mask); the mean is then weighted.
             reduction: ``"mean"`` (scalar) or ``"none"`` (per token [...], averaged over the draws).
-            generator: optional ``torch.Generator`` for the noise.
+            generator: when ``seed`` is None, a fresh key is taken from this generator (default torch's global
+                generator), so that successive training steps draw afresh.
+            seed, step: key of the draws (e.g. the run's seed and the training step).
+            example_ids: [N] integer keys of the flattened tokens (default ``0..N-1``).
+            precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the head's network only; the loss, the
+                end terms and the integrand stay float64.
 
         Returns:
             Scalar loss, or per-token losses with the leading shape of ``x``.
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        check_precision(precision)
         lead = x.shape[:-1] if isinstance(x, Tensor) else None
         x2, c2 = self._check(x, c)
         n, r = x2.shape[0], self.t_per_token
-        xr = x2.repeat(r, 1)
+        xr = x2.repeat(r, 1)  # draw-major: row j*n + i is draw j of token i
         cr = c2.repeat(r, 1)
-        dev = None if generator is None else generator.device  # draw where the generator lives, then move
-        u = torch.rand(n * r, generator=generator, dtype=torch.float64, device=dev or x2.device).to(x2.device)
-        z = torch.randn(n * r, self.token_dim, generator=generator, dtype=torch.float64, device=dev or x2.device)
-        z = z.to(x2.device)
+        if seed is None:
+            gdev = "cpu" if generator is None else generator.device
+            seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=gdev))
+        dev = work_device(x2)
+        keys = rng.example_keys(example_ids, n, dev)
+        u = rng.uniforms(seed, rng.Stream.DIFFLOSS_LAM, keys, r, step=step, device=dev)  # [n, r]
+        z = rng.normals(seed, rng.Stream.DIFFLOSS_NOISE, keys, (r, self.token_dim), step=step, device=dev)
+        u = u.T.reshape(-1).to(x2.device)  # [r n]
+        z = z.transpose(0, 1).reshape(n * r, self.token_dim).to(x2.device)
+
+        def net(x_t: Tensor, t: Tensor) -> Tensor:
+            with autocast_context(precision, x_t.device):
+                return self.eps(x_t, t, cr)
+
         if self.weighting == "elbo":
             if self.lam_sampler is None:
                 lam = self.lam_min + (self.lam_max - self.lam_min) * u
                 inv_q = torch.full_like(lam, self.lam_max - self.lam_min)
             else:
-                lam, inv_q = (v.to(x2.device) for v in self.lam_sampler.sample(u.cpu()))
-            per, f = elbo_loss(lambda x_t, t: self.eps(x_t, t, cr), xr, lam, z, inv_q, self.lam_min, self.lam_max)
+                lam, inv_q = self.lam_sampler.sample(u)  # the proposal's masses move to u's device
+            per, f = elbo_loss(net, xr, lam, z, inv_q, self.lam_min, self.lam_max)
             if self.lam_sampler is not None and self.training:
                 self.lam_sampler.update(self.lam_sampler.bin_stats(lam.cpu(), f.cpu()))
         else:
             lam = LamSampler("t_uniform", self.lam_min, self.lam_max).sample(u)[0]  # t uniform on the range
             t = torch.sigmoid(-lam)
             x_t = torch.sigmoid(lam).sqrt()[:, None] * xr.to(torch.float64) + t.sqrt()[:, None] * z
-            eps = self.eps(x_t.to(x2.dtype), t, cr)
+            eps = net(x_t.to(x2.dtype), t)
             per = (z - eps.to(torch.float64)).pow(2).mean(1)
         per = per.reshape(r, n).mean(0)  # [n]
         if reduction == "none":
@@ -286,8 +317,10 @@ class DiffusionLoss(nn.Module):
         """``log p(x | c)`` per token by the density formula (:func:`scoredensity.formula.log_density`), in nats.
 
         One call of the estimator for all tokens: each token's ``c`` travels with its rows (``cond=``), and each
-        token has its own random stream. For a learned head the value is, in expectation, a lower bound on the
-        log-likelihood of the plug-in reverse SDE (seed 001).
+        token has its own random stream. It computes on the device of ``x``, ``c`` and the head (keyed draws
+        there, under ``torch.inference_mode()``) and returns on the CPU; ``precision="bf16"`` autocasts the head
+        only. For a learned head the value is, in expectation, a lower bound on the log-likelihood of the plug-in
+        reverse SDE (seed 001).
 
         Args:
             x: [..., D] tokens. c: [..., C] conditions. n_t: log-SNR nodes per token (default 128, the
@@ -363,7 +396,7 @@ class CausalTransformerAR(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, **head_kwargs) -> Tensor:
         """Draw ``n`` sequences [n, L, D] token by token (``head_kwargs`` go to the head's ``sample``)."""
-        x = torch.zeros(n, self.seq_len, self.token_dim)
+        x = torch.zeros(n, self.seq_len, self.token_dim, device=self.start.device)
         for k in range(self.seq_len):
             c = self.conditions(x)[:, k]
             x[:, k] = self.head.sample(c, generator=generator, **head_kwargs)

@@ -39,11 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import rng
 from ..decoders import end_terms
-from ..epsfn import EpsFn, call_eps, check_data, check_int
+from ..epsfn import EpsFn, call_eps, check_data, check_int, resolve_lam_range, row_blocks, work_device
 from ..formula import formula_integrand
 from ..losses import LamSampler
 from ..mixtures import GaussianMixture
+from ..rng import Stream
 
 __all__ = [
     "score_regulariser",
@@ -65,16 +67,69 @@ GAN_LOSSES = ("ns", "hinge")
 
 
 # -------------------------------------------------------------------------------------------- regulariser
-def _draw_lam(n: int, weighting: str, lam_min: float, lam_max: float, generator) -> tuple[Tensor, Tensor]:
-    """Log-SNR draws [n] and the weight ``w(lam) / q(lam)`` [n] (float64) for the chosen weighting."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
+def _lam_weight(u: Tensor, weighting: str, lam_min: float, lam_max: float) -> tuple[Tensor, Tensor]:
+    """Log-SNR [n] from uniforms ``u`` [n] and the weight ``w(lam) / q(lam)`` [n] (float64, on ``u``'s device)."""
     width = lam_max - lam_min
+    wq = torch.full_like(u, width)
     if weighting == "formula":  # q uniform in lam, w = 1
-        return lam_min + width * u, torch.full((n,), width, dtype=torch.float64)
+        return lam_min + width * u, wq
     # t uniform on [t_lo, t_hi] (the trainer's "t_uniform" draw); w(lam) = c t (1 - t) with ∫ w dlam = width, so
     # w / q = width
     lam, _ = LamSampler("t_uniform", lam_min, lam_max).sample(u)
-    return lam, torch.full((n,), width, dtype=torch.float64)
+    return lam, wq
+
+
+def _key_from(generator: torch.Generator | None) -> int:
+    """A fresh 63-bit key of the keyed draws, taken from ``generator`` (default torch's global generator)."""
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator))
+
+
+def _check_options(gradient: str, weighting: str) -> None:
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if weighting not in REG_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {REG_WEIGHTINGS}, got {weighting!r}")
+
+
+def _regulariser_from_draws(
+    eps_fn: EpsFn,
+    x: Tensor,
+    u: Tensor,
+    z: Tensor,
+    gradient: str,
+    weighting: str,
+    lam_min: float,
+    lam_max: float,
+    precision: str,
+) -> Tensor:
+    """:func:`score_regulariser` at given draws: ``u`` [B] uniforms of the log-SNR, ``z`` [B, d] noise (float64,
+    on ``work_device(x)``: ``x``'s device, the CPU for MPS). The network gets ``x_t`` on ``x``'s device and in its
+    dtype; the rest is float64 on the work device. Returns [B] float64 there, with the chosen gradient."""
+    dev = u.device
+    lam, wq = _lam_weight(u, weighting, lam_min, lam_max)
+    x64 = x.to(device=dev, dtype=torch.float64)
+    a = torch.sigmoid(lam).sqrt()[:, None]
+    t = torch.sigmoid(-lam)
+    noisy, clean = end_terms(x64, lam_min, lam_max)  # noisy_end has a graph to x
+    x_t = a * x64 + t.sqrt()[:, None] * z
+    if gradient == "full":
+        eps = call_eps(eps_fn, x_t.to(device=x.device, dtype=x.dtype), t, precision=precision).to(dev)
+        return -(noisy + clean + wq * formula_integrand(z, eps, lam, True))
+    with torch.no_grad():
+        eps = call_eps(eps_fn, x_t.detach().to(device=x.device, dtype=x.dtype), t, precision=precision)
+        eps = eps.to(device=dev, dtype=torch.float64)
+        value = -(noisy + clean + wq * formula_integrand(z, eps, lam, True))
+    # surrogate with gradient sigmoid(lam_min) x + (w/q) a (eps - z), value equal to the estimate
+    sur = -noisy + wq * (a * (eps - z) * x64).sum(1)
+    return value + (sur - sur.detach())
+
+
+def _draws(seed: int, keys: Tensor, n_z: int, d: int, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Keyed draws of the regulariser: uniforms [B, n_z] (:attr:`Stream.GAN_LAM`) and normals [B, n_z, d]
+    (:attr:`Stream.GAN_NOISE`); draw ``r`` of example ``keys[b]`` does not depend on ``n_z`` or the batch."""
+    u = rng.uniforms(seed, Stream.GAN_LAM, keys, n_z, step=step, device=device)
+    z = rng.normals(seed, Stream.GAN_NOISE, keys, (n_z, d), step=step, device=device)
+    return u, z
 
 
 def score_regulariser(
@@ -83,52 +138,48 @@ def score_regulariser(
     *,
     gradient: str = "full",
     weighting: str = "formula",
-    lam_min: float = -20.0,
-    lam_max: float = 20.0,
+    lam_min: float | None = None,
+    lam_max: float | None = None,
+    seed: int | None = None,
+    step: int = 0,
+    example_ids: Tensor | None = None,
     generator: torch.Generator | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
     """One-draw estimate of ``-log p_data(x)`` per sample, differentiable in ``x`` (see the module docstring).
 
     Args:
         eps_fn: the fixed data denoiser ``(x_t [B, d], t [B] float64) -> eps``; must be differentiable in
             ``x_t`` for ``gradient="full"``. Its parameters are not updated here.
-        x: [B, d] generated samples (``G(w)``, with a graph to the generator).
+        x: [B, d] generated samples (``G(w)``, with a graph to the generator), on the denoiser's device; the
+            draws are made there.
         gradient: ``"full"`` (through the denoiser's Jacobian) or ``"sds"`` (Jacobian dropped).
         weighting: ``"formula"`` (uniform in log-SNR) or ``"t_uniform"`` (score-distillation's).
-        lam_min, lam_max: log-SNR range closed by the exact end terms.
-        generator: a CPU generator for the draws of ``lam`` and ``z`` (moved to ``x``'s device).
+        lam_min, lam_max: log-SNR range closed by the exact end terms; ``None``: the denoiser's own
+            ``lam_range``, else [-20, 20] (:func:`scoredensity.epsfn.resolve_lam_range`).
+        seed, step, example_ids: key of the draws of ``lam`` and ``z`` (:mod:`scoredensity.rng`, streams
+            ``GAN_LAM`` / ``GAN_NOISE``): sample ``b`` uses key ``(seed, step, example_ids[b])`` (default ids
+            ``0..B-1``), the same on every device and in any batch; it is draw 0 of :func:`regulariser_gradient`.
+        generator: when ``seed`` is None, a fresh key is taken from this generator (default torch's global
+            generator), so repeated calls draw afresh.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast of the denoiser call only.
 
     Returns:
-        [B] float64. Its value is the weighted objective's one-draw estimate (``-log p_data(x)`` for
-        ``weighting="formula"``); its gradient in ``x`` is the chosen estimator. Mean it and add
-        ``coef *`` that to the generator loss.
+        [B] float64 on ``x``'s device (the CPU for MPS). Its value is the weighted objective's one-draw estimate
+        (``-log p_data(x)`` for ``weighting="formula"``); its gradient in ``x`` is the chosen estimator. Mean it
+        and add ``coef *`` that to the generator loss.
     """
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-    if weighting not in REG_WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {REG_WEIGHTINGS}, got {weighting!r}")
-    if not lam_max > lam_min:
-        raise ValueError(f"need lam_max > lam_min, got [{lam_min}, {lam_max}]")
+    _check_options(gradient, weighting)
+    lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
     check_data(x.detach(), "generated samples x")
     if x.dim() != 2:
         raise ValueError(f"x must be [B, d], got {tuple(x.shape)}")
     b, d = x.shape
-    lam, wq = (v.to(x.device) for v in _draw_lam(b, weighting, lam_min, lam_max, generator))
-    z = torch.randn(b, d, generator=generator, dtype=torch.float64).to(x.device)  # CPU draws: device-independent
-    x64 = x.to(torch.float64)
-    a = torch.sigmoid(lam).sqrt()[:, None]
-    t = torch.sigmoid(-lam)
-    noisy, clean = end_terms(x64, lam_min, lam_max)  # noisy_end has a graph to x
-    x_t = a * x64 + t.sqrt()[:, None] * z
-    if gradient == "full":
-        eps = call_eps(eps_fn, x_t.to(x.dtype), t)
-        return -(noisy + clean + wq * formula_integrand(z, eps, lam, True))
-    with torch.no_grad():
-        eps = call_eps(eps_fn, x_t.detach().to(x.dtype), t).to(torch.float64)
-        value = -(noisy + clean + wq * formula_integrand(z, eps, lam, True))
-    # surrogate with gradient sigmoid(lam_min) x + (w/q) a (eps - z), value equal to the estimate
-    sur = -noisy + wq * (a * (eps - z) * x64).sum(1)
-    return value + (sur - sur.detach())
+    dev = work_device(x)
+    seed = _key_from(generator) if seed is None else int(seed)
+    keys = rng.example_keys(example_ids, b, dev)
+    u, z = _draws(seed, keys, 1, d, step, dev)
+    return _regulariser_from_draws(eps_fn, x, u[:, 0], z[:, 0], gradient, weighting, lam_min, lam_max, precision)
 
 
 def regulariser_gradient(
@@ -138,20 +189,28 @@ def regulariser_gradient(
     n_z: int = 256,
     max_batch: int | None = None,
     seed: int = 0,
+    example_ids: Tensor | None = None,
+    gradient: str = "full",
+    weighting: str = "formula",
+    lam_min: float | None = None,
+    lam_max: float | None = None,
+    precision: str = "fp32",
     n_draws: int | None = None,
     chunk: int | None = None,
-    **kwargs,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Monte Carlo mean and standard error of :func:`score_regulariser` and of its gradient at fixed points.
 
     Args:
-        eps_fn, kwargs: as in :func:`score_regulariser`. x: [B, d] points (no graph needed).
+        eps_fn, gradient, weighting, lam_min, lam_max, precision: as in :func:`score_regulariser`.
+        x: [B, d] points (no graph needed), on the denoiser's device and in its input dtype.
         n_z: independent draws of ``(lam, z)`` per point. max_batch: rows per network call (default 8192; each
-            call keeps its graph through the denoiser until its gradient is taken). seed: key of the draws.
+            call keeps its graph through the denoiser until its gradient is taken); the results do not depend
+            on it. seed, example_ids: key of the draws (draw ``r`` of point ``b`` is keyed by
+            ``(seed, example_ids[b])`` and ``r``, whatever ``max_batch``).
         n_draws, chunk: deprecated aliases of ``n_z`` and ``max_batch`` (DeprecationWarning).
 
     Returns:
-        ``(value [B], value_stderr [B], grad [B, d], grad_stderr [B, d])`` float64: estimates of
+        ``(value [B], value_stderr [B], grad [B, d], grad_stderr [B, d])`` float64 on the CPU: estimates of
         ``-log p_data(x)`` and ``-grad log p_data(x)`` (for ``formula`` + ``full``).
     """
     if n_draws is not None:
@@ -162,21 +221,31 @@ def regulariser_gradient(
         max_batch = chunk if max_batch is None else max_batch
     max_batch = check_int("max_batch", 8192 if max_batch is None else max_batch)
     n_z = check_int("n_z", n_z, 2)
-    x = check_data(x.detach().to(torch.float64), "x")
+    _check_options(gradient, weighting)
+    lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
+    x = check_data(x.detach(), "x")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [B, d], got {tuple(x.shape)}")
     b, d = x.shape
-    g = torch.Generator().manual_seed(seed)
+    dev = work_device(x)
+    keys = rng.example_keys(example_ids, b, dev)
+    u, z = _draws(int(seed), keys, n_z, d, 0, dev)
+    u_rows = u.T.reshape(-1)  # draw-major: row r*b + i is draw r of point i
+    z_rows = z.transpose(0, 1).reshape(-1, d)
+    rows = x.repeat(n_z, 1)
     vals, grads = [], []
-    rows = x.repeat(n_z, 1)  # draw-major: row r*b + i is point i
-    for s in range(0, rows.shape[0], max_batch):
-        xr = rows[s : s + max_batch].clone().requires_grad_(True)
-        v = score_regulariser(eps_fn, xr, generator=g, **kwargs)
+    for sl in row_blocks(rows.shape[0], max_batch):
+        xr = rows[sl].clone().requires_grad_(True)
+        v = _regulariser_from_draws(
+            eps_fn, xr, u_rows[sl], z_rows[sl], gradient, weighting, lam_min, lam_max, precision
+        )
         (gr,) = torch.autograd.grad(v.sum(), xr)
         vals.append(v.detach())
-        grads.append(gr.detach())
+        grads.append(gr.detach().to(torch.float64))
     v = torch.cat(vals).reshape(n_z, b)
     gr = torch.cat(grads).reshape(n_z, b, d)
     sq = math.sqrt(n_z)
-    return v.mean(0), v.std(0) / sq, gr.mean(0), gr.std(0) / sq
+    return tuple(r.cpu() for r in (v.mean(0), v.std(0) / sq, gr.mean(0), gr.std(0) / sq))
 
 
 # -------------------------------------------------------------------------------------------- metrics
@@ -227,7 +296,7 @@ def gan_metrics(
     * ``mode_kl``: KL divergence from the mode histogram of the high-quality samples to the mixture weights
       (PacGAN's reverse-KL measure; ``inf`` when no sample is high quality);
     * ``cross_entropy``: the exact ``-mean log p_data(samples)`` in nats;
-    * ``mmd2``: :func:`mmd2` to ``real`` samples (drawn from the mixture with a fixed seed when ``None``).
+    * ``mmd2``: :func:`mmd2` to ``real`` samples (drawn from the mixture with a fixed key when ``None``).
 
     Args:
         samples: [N, d]. mixture: the data law. real: [M, d] reference samples.
@@ -250,7 +319,7 @@ def gan_metrics(
     else:
         mode_kl = float("inf")
     if real is None:
-        real = mixture.sample(x.shape[0], generator=torch.Generator().manual_seed(12345))
+        real = _real_batch(mixture.to(x.device), 12345, 0, x.shape[0])
     return {
         "modes_covered": float((counts >= min_count).sum()),
         "high_quality": float(hq.to(torch.float64).mean()),
@@ -288,7 +357,9 @@ class GANConfig:
         batch: samples per step. latent_dim: generator input. hidden, depth: MLP size (both nets).
         lr: Adam learning rate (betas 0.5, 0.9) for both. loss: ``"ns"`` (non-saturating) or ``"hinge"``.
         reg_coef: coefficient of the score regulariser (0 = plain GAN). reg_gradient, reg_weighting,
-        reg_lam_min, reg_lam_max: see :func:`score_regulariser`. seed: everything random.
+        reg_lam_min, reg_lam_max: see :func:`score_regulariser`. seed: everything random (the networks'
+        initialisation, and every draw through :mod:`scoredensity.rng` keyed by the step). device: where both
+        networks, the data and the regulariser compute (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``).
     """
 
     preset: str = "ring8"
@@ -305,6 +376,7 @@ class GANConfig:
     reg_lam_min: float = -20.0
     reg_lam_max: float = 20.0
     seed: int = 0
+    device: str = "cpu"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -319,6 +391,10 @@ class GANConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.reg_coef >= 0):
             raise ValueError("lr must be > 0 and reg_coef >= 0")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must name a torch device (cpu, cuda, cuda:N, mps), got {self.device!r}") from None
 
 
 @dataclass
@@ -337,9 +413,31 @@ class GANResult:
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0) -> Tensor:
-        """``n`` generated points [n, d] (float32) from a fixed latent seed."""
-        w = torch.randn(n, self.config.latent_dim, generator=torch.Generator().manual_seed(seed))
-        return self.generator(w)
+        """``n`` generated points [n, d] (float32, on the CPU) from latents keyed by ``seed``
+        (:attr:`~scoredensity.rng.Stream.GAN_LATENT`, computed on the generator's device)."""
+        n = check_int("n", n)
+        dev = next(self.generator.parameters()).device
+        w = _latents(int(seed), 0, n, self.config.latent_dim, dev)
+        return self.generator(w).cpu()
+
+
+def _latents(seed: int, step: int, n: int, latent_dim: int, device: torch.device) -> Tensor:
+    """Generator inputs [n, latent_dim] float32 keyed by ``(seed, step, row)`` on ``device``."""
+    keys = rng.example_keys(None, n, device)
+    return rng.normals(seed, Stream.GAN_LATENT, keys, (latent_dim,), step=step, device=device).to(device).float()
+
+
+def _real_batch(mix: GaussianMixture, seed: int, step: int, n: int) -> Tensor:
+    """``n`` samples [n, d] float64 of the mixture keyed by ``(seed, step, row)``, on the mixture's device:
+    component by inverse CDF of a keyed uniform, then ``mean + U diag(sqrt(s)) z``."""
+    dev = mix.device
+    keys = rng.example_keys(None, n, dev)
+    u = rng.uniforms(seed, Stream.GAN_DATA, keys, 1, step=step, device=dev)[:, 0].to(dev)
+    cdf = torch.cumsum(mix.weights, 0)
+    labels = torch.searchsorted(cdf, u.contiguous()).clamp(max=mix.num_components - 1)
+    z = rng.normals(seed, Stream.GAN_DATA_NOISE, keys, (mix.dim,), step=step, device=dev).to(dev)
+    root = mix.evecs * mix.evals.sqrt()[:, None, :]  # U diag(sqrt s), [K, d, d]
+    return mix.means[labels] + torch.einsum("nij,nj->ni", root[labels], z)
 
 
 def train_gan(
@@ -361,20 +459,19 @@ def train_gan(
 
     cfg = GANConfig(**{**asdict(config or GANConfig()), **overrides})
     cfg.validate()
-    mix = mixture_preset(cfg.preset)
+    dev = torch.device(cfg.device)
+    mix = mixture_preset(cfg.preset).to(dev)
     eps_fn = eps_fn if eps_fn is not None else mix.eps
-    torch.manual_seed(cfg.seed)
-    gen_data = torch.Generator().manual_seed(cfg.seed + 1)
-    gen_reg = torch.Generator().manual_seed(cfg.seed + 2)
-    G = MLP(cfg.latent_dim, mix.dim, cfg.hidden, cfg.depth)
-    D = MLP(mix.dim, 1, cfg.hidden, cfg.depth)
+    torch.manual_seed(cfg.seed)  # the networks' initialisation; every later draw is keyed (scoredensity.rng)
+    G = MLP(cfg.latent_dim, mix.dim, cfg.hidden, cfg.depth).to(dev)
+    D = MLP(mix.dim, 1, cfg.hidden, cfg.depth).to(dev)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     history = []
     t0 = time.perf_counter()
     for step in range(cfg.steps):
-        real = mix.sample(cfg.batch, generator=gen_data).to(torch.float32)
-        fake = G(torch.randn(cfg.batch, cfg.latent_dim))
+        real = _real_batch(mix, cfg.seed, step, cfg.batch).float()
+        fake = G(_latents(cfg.seed, step, cfg.batch, cfg.latent_dim, dev))
         d_real, d_fake = D(real), D(fake.detach())
         if cfg.loss == "ns":
             d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
@@ -386,7 +483,7 @@ def train_gan(
 
         d_gen = D(fake)
         g_loss = F.softplus(-d_gen).mean() if cfg.loss == "ns" else -d_gen.mean()
-        reg = torch.zeros(())
+        reg = torch.zeros((), device=dev)
         if cfg.reg_coef > 0:
             reg = score_regulariser(
                 eps_fn,
@@ -395,7 +492,8 @@ def train_gan(
                 weighting=cfg.reg_weighting,
                 lam_min=cfg.reg_lam_min,
                 lam_max=cfg.reg_lam_max,
-                generator=gen_reg,
+                seed=cfg.seed,
+                step=step,
             ).mean()
         total = g_loss + cfg.reg_coef * reg.to(g_loss.dtype)
         opt_g.zero_grad()

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ... import rng
 from ...mixtures import GaussianMixture
+from ...rng import Stream
 from ..parametric import ParametricMixture, sklearn_to_mixture
 from .objectives import NEURAL_LOSSES, DenoisingObjective, check_points, denoising_loss
 
@@ -128,16 +130,19 @@ def train_denoiser(
     seed: int = 0,
 ) -> list[float]:
     """Train ``model`` (an ``EpsFn`` module) on ``x`` [N, d] by one of :data:`NEURAL_LOSSES` with a plain loop (AdamW,
-    cosine decay, gradient clipping at 1, the same data order and budget for every loss). Returns the loss history."""
+    cosine decay, gradient clipping at 1, the same data order and budget for every loss). The minibatch of step ``k``
+    is drawn with replacement from keyed uniforms (:attr:`Stream.CERTIFY_NODES`, step ``2 + k``) on ``x``'s device.
+    Returns the loss history."""
     if loss not in NEURAL_LOSSES:
         raise ValueError(f"loss must be one of {NEURAL_LOSSES}, got {loss!r}")
     x = check_points(x)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(seed)
+    slots = torch.arange(batch_size, device=x.device)
     hist = []
     for step in range(steps):
-        idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
+        u = rng.uniforms(seed, Stream.CERTIFY_NODES, slots, 1, step=2 + step, device=x.device)[:, 0]
+        idx = (u * x.shape[0]).long().clamp(max=x.shape[0] - 1).to(x.device)
         value = denoising_loss(model, x[idx], loss, seed=seed, step=step)
         opt.zero_grad()
         value.backward()

@@ -45,11 +45,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ... import rng
 from ...ddpm import reverse_variances
 from ...decoders import end_terms, prior_kl
 from ...formula import formula_integrand
 from ...losses import LamSampler, dsm_loss
 from ...proposals import LambdaProposal
+from ...rng import Stream
 from ...schedules import CosineClock, DDPMSchedule, VPLinearClock
 
 __all__ = [
@@ -121,31 +123,44 @@ class DenoisingObjective:
         return self.per_example(model).mean()
 
 
-def _chunks(n: int, n_chunks: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _chunks(n: int, n_chunks: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Split a random permutation of ``n`` examples into ``n_chunks`` rows of equal length.
 
+    The permutation sorts keyed uniforms of the examples (:attr:`Stream.CERTIFY_NODES`, step 0).
     Returns ``(idx [C, M], mask [C, M])``; short chunks are padded with their last index and mask 0.
     """
     n_chunks = max(1, min(n_chunks, n))
-    perm = torch.randperm(n, generator=generator)
+    ids = torch.arange(n, device=device)
+    perm = rng.uniforms(seed, Stream.CERTIFY_NODES, ids, 1, step=0, device=device)[:, 0].argsort().to(device)
     size = math.ceil(n / n_chunks)
-    idx = torch.empty(n_chunks, size, dtype=torch.long)
-    mask = torch.zeros(n_chunks, size, dtype=torch.float64)
-    for c, part in enumerate(torch.tensor_split(perm, n_chunks)):
+    idx = torch.empty(n_chunks, size, dtype=torch.long, device=device)
+    mask = torch.zeros(n_chunks, size, dtype=torch.float64, device=device)
+    for c, part in enumerate(torch.tensor_split(perm, n_chunks)):  # one pass per chunk, not per example
         idx[c, : len(part)] = part
         idx[c, len(part) :] = part[-1]
         mask[c, : len(part)] = 1.0
     return idx, mask
 
 
-def _draw_z(groups: int, size: int, n_z: int, d: int, antithetic: bool, gen: torch.Generator) -> Tensor:
-    """Noise [groups, size * n_z, d]; with ``antithetic`` the draws of each example come in pairs ``(z, -z)``."""
-    if not antithetic:
-        return torch.randn(groups, size * n_z, d, generator=gen, dtype=torch.float64)
-    if n_z % 2:
+def _node_uniforms(seed: int, chunks: int, n: int, device: torch.device) -> Tensor:
+    """Uniforms [chunks, n] of each chunk's nodes (:attr:`Stream.CERTIFY_NODES`, step 1, keyed by chunk)."""
+    ids = torch.arange(chunks, device=device)
+    return rng.uniforms(seed, Stream.CERTIFY_NODES, ids, n, step=1, device=device).to(device)
+
+
+def _draw_z(idx: Tensor, nodes: int, n_z: int, d: int, antithetic: bool, seed: int) -> Tensor:
+    """Noise [C * nodes, S * n_z, d] for the chunks ``idx`` [C, S]: row ``(c, node)``, column ``(j, r)`` is draw
+    ``r`` of example ``idx[c, j]`` at that node, keyed by the example (:attr:`Stream.CERTIFY_NOISE`), so it does
+    not depend on the chunking. With ``antithetic`` the draws of each example come in pairs ``(z, -z)``."""
+    if antithetic and n_z % 2:
         raise ValueError(f"antithetic draws need an even n_z, got {n_z}")
-    half = torch.randn(groups, size, n_z // 2, d, generator=gen, dtype=torch.float64)
-    return torch.cat([half, -half], 2).reshape(groups, size * n_z, d)
+    c, s = idx.shape
+    per = n_z // 2 if antithetic else n_z
+    z = rng.normals(seed, Stream.CERTIFY_NOISE, idx.flatten(), (nodes, per, d), device=idx.device).to(idx.device)
+    z = z.reshape(c, s, nodes, per, d).transpose(1, 2)  # [C, nodes, S, per, d]
+    if antithetic:
+        z = torch.cat([z, -z], 3)
+    return z.reshape(c * nodes, s * n_z, d)
 
 
 def check_points(x: Tensor) -> Tensor:
@@ -180,7 +195,8 @@ def continuous_elbo_objective(
     Args:
         x: [N, d] data. n_t: even number of log-SNR nodes per chunk. proposal: density of the nodes on
             ``[lam_min, lam_max]`` (default uniform; a fitted :class:`LambdaProposal` lowers the variance).
-        seed: fixes every draw.
+        seed: key of every draw (:mod:`scoredensity.rng`, streams ``CERTIFY_NODES`` and ``CERTIFY_NOISE``; the
+            noise of an example does not depend on how the examples are chunked).
     """
     x = check_points(x)
     if n_t < 2 or n_t % 2 or n_z < 1:
@@ -188,12 +204,11 @@ def continuous_elbo_objective(
     proposal = proposal or LambdaProposal.uniform(lam_min, lam_max)
     if (proposal.lam_min, proposal.lam_max) != (lam_min, lam_max):
         raise ValueError("the proposal's range differs from [lam_min, lam_max]")
-    gen = torch.Generator().manual_seed(seed)
     n, d = x.shape
-    idx, mask = _chunks(n, n_chunks, gen)  # [C, S]
+    idx, mask = _chunks(n, n_chunks, seed, x.device)  # [C, S]
     c, s = idx.shape
     strata = n_t // 2
-    jitter = torch.rand(c, n_t, generator=gen, dtype=torch.float64)
+    jitter = _node_uniforms(seed, c, n_t, x.device)
     u = (torch.arange(strata, dtype=torch.float64).repeat_interleave(2) + jitter) / strata
     lam = proposal.icdf(u)  # [C, n_t]
     inv_q = 1 / proposal.pdf(lam)
@@ -201,7 +216,7 @@ def continuous_elbo_objective(
     rows = idx[:, None, :, None].expand(c, n_t, s, n_z).reshape(c * n_t, s * n_z)
     coef = (0.5 * inv_q / (n_t * n_z))[:, :, None, None] * mask[:, None, :, None]
     coef = coef.expand(c, n_t, s, n_z).reshape(c * n_t, s * n_z)
-    z = _draw_z(c * n_t, s, n_z, d, antithetic, gen)
+    z = _draw_z(idx, n_t, n_z, d, antithetic, seed)
     lam = lam.flatten()
     noisy, clean = end_terms(x, lam_min, lam_max)
     return DenoisingObjective(
@@ -270,18 +285,17 @@ def ddpm_elbo_objective(
     sched = DDPMSchedule.from_clock(clock, num_steps)
     n, d = x.shape
     w, const, t = ddpm_step_weights(sched, variance, d)
-    gen = torch.Generator().manual_seed(seed)
     total_const = prior_kl(x, torch.log(t[-1]), torch.log1p(-t[-1])) + const.sum()
     if num_steps <= max_groups:
-        idx, mask = _chunks(n, 1, gen)
+        idx, mask = _chunks(n, 1, seed, x.device)
         steps = torch.arange(num_steps)[None]  # [1, T]
         step_coef = w[None, :] / n_z
     else:
-        idx, mask = _chunks(n, n_chunks, gen)
+        idx, mask = _chunks(n, n_chunks, seed, x.device)
         m = max_groups - 1
         p = w[1:] / w[1:].sum()
         cdf = torch.cumsum(p, 0)
-        u = (torch.arange(m, dtype=torch.float64) + torch.rand(idx.shape[0], m, generator=gen, dtype=torch.float64)) / m
+        u = (torch.arange(m, dtype=torch.float64) + _node_uniforms(seed, idx.shape[0], m, x.device)) / m
         k = torch.searchsorted(cdf, u.contiguous() * cdf[-1]).clamp(max=num_steps - 2) + 1  # 0-based steps 1..T-1
         steps = torch.cat([torch.zeros(idx.shape[0], 1, dtype=torch.long), k], 1)  # decoder always included
         step_coef = torch.cat([w[:1].expand(idx.shape[0], 1), (w[1:].sum() / m).expand_as(k)], 1) / n_z
@@ -291,7 +305,7 @@ def ddpm_elbo_objective(
     rows = idx[:, None, :, None].expand(c, gsteps, s, n_z).reshape(c * gsteps, s * n_z)
     coef = step_coef.expand(c, gsteps)[:, :, None, None] * mask[:, None, :, None]
     coef = coef.expand(c, gsteps, s, n_z).reshape(c * gsteps, s * n_z)
-    z = _draw_z(c * gsteps, s, n_z, d, antithetic, gen)
+    z = _draw_z(idx, gsteps, n_z, d, antithetic, seed)
     tg = t[steps.flatten()]
     return DenoisingObjective(
         x=x,
