@@ -274,3 +274,16 @@ def test_certify_objective_noise_is_keyed_by_example_not_by_chunking(antithetic)
             pairs = zi[0].reshape(4, 2, 2)
             assert torch.equal(pairs[:, 0], -pairs[:, 1])
     assert not torch.equal(four.t[:4], four.t[4:8])  # each chunk has its own nodes
+
+
+def test_cli_gan_trains_on_the_device_given(tmp_path, capsys):
+    """`scoredensity gan --device cpu`: the networks train where the command says, and the run records it."""
+    import json
+
+    from scoredensity.cli import main
+
+    args = ["gan", "--steps", "4", "--batch", "32", "--reg-coef", "0.1", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(args) == 0
+    capsys.readouterr()
+    doc = json.loads((tmp_path / "gan.json").read_text())
+    assert doc["config"]["device"] == "cpu" and all(h["reg"] != 0 for h in doc["history"])

@@ -81,7 +81,8 @@ def _lam_weight(u: Tensor, weighting: str, lam_min: float, lam_max: float) -> tu
 
 def _key_from(generator: torch.Generator | None) -> int:
     """A fresh 63-bit key of the keyed draws, taken from ``generator`` (default torch's global generator)."""
-    return int(torch.randint(0, 2**63 - 1, (), generator=generator))
+    device = "cpu" if generator is None else generator.device
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
 
 
 def _check_options(gradient: str, weighting: str) -> None:
