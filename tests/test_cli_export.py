@@ -1,7 +1,5 @@
 """`scoredensity export`: a run trained by `scoredensity train --net unet` samples with diffusers' own pipeline."""
 
-import json
-
 import diffusers
 import torch
 
@@ -52,13 +50,9 @@ def test_trained_unet_run_exports_to_a_working_ddpm_pipeline(tmp_path, capsys):
     x_t = (1 - t).sqrt().view(-1, 1, 1, 1).float() * x0 + t.sqrt().view(-1, 1, 1, 1).float() * torch.randn_like(x0)
     with torch.no_grad():
         assert torch.allclose(eps(x_t, t), ours(x_t, t), atol=1e-4, rtol=1e-4)
-    # the export says which step it took; an unfinished run (fewer steps than planned) gets a warning
+    # the export says which step it took (an unfinished run's warning is tested on a killed run in
+    # test_cli_run_models: the checkpoint, not an edited config.json, says how many steps were planned)
     assert "from step 3" in capsys.readouterr().out
-    cfg = json.loads((run / "config.json").read_text())
-    cfg["train"]["steps"] = 10
-    (run / "config.json").write_text(json.dumps(cfg))
-    assert main(["export", str(run), "--out", str(tmp_path / "pipe2"), "--steps", "50"]) == 0
-    assert "training did not finish (checkpoint at step 3 of 10)" in capsys.readouterr().err
     assert (tmp_path / "pipe2" / "scheduler" / "scheduler_config.json").is_file()
 
 

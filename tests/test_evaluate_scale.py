@@ -149,7 +149,7 @@ def test_bf16_agrees_with_fp32_within_the_stated_error():
 def test_convention_is_applied_named_and_listed(tmp_path, capsys):
     from scoredensity.conventions import get_convention
     from scoredensity.ddpm import ddpm_elbo
-    from scoredensity.image_eval import _round_keys
+    from scoredensity.image_eval import round_keys
 
     eps = DiffusersEps(tiny_unet(channels=1), SCHED)
     images = torch.randint(0, 256, (6, 1, 8, 8), generator=torch.Generator().manual_seed(1))
@@ -160,7 +160,7 @@ def test_convention_is_applied_named_and_listed(tmp_path, capsys):
     # the same figure as the published bound computed directly with the convention (same keyed noise)
     x = 2 * images.double() / 255 - 1
     direct = ddpm_elbo(
-        eps, x.float(), schedule=eps.schedule, convention="ddpm", example_ids=_round_keys(torch.arange(6), 0)
+        eps, x.float(), schedule=eps.schedule, convention="ddpm", example_ids=round_keys(torch.arange(6), 0)
     )
     bpd = float((-direct.logp / (64 * math.log(2))).mean())
     assert r["bpd"] == pytest.approx(bpd, abs=1e-5)
@@ -190,7 +190,7 @@ def test_convention_is_applied_named_and_listed(tmp_path, capsys):
 
 def test_learned_variance_model_gets_its_own_ddpm_bound():
     from scoredensity.ddpm import ddpm_elbo
-    from scoredensity.image_eval import _round_keys
+    from scoredensity.image_eval import round_keys
 
     eps = DiffusersEps(tiny_unet(channels=1, out_mult=2), {**SCHED, "variance_type": "learned_range"})
     images = torch.randint(0, 256, (5, 1, 8, 8), generator=torch.Generator().manual_seed(2))
@@ -205,7 +205,7 @@ def test_learned_variance_model_gets_its_own_ddpm_bound():
         variance="learned_range",
         decoder="discretized",
         levels=256,
-        example_ids=_round_keys(torch.arange(5), 0),
+        example_ids=round_keys(torch.arange(5), 0),
     )
     assert r["bpd"] == pytest.approx(float((-direct.logp / (64 * math.log(2))).mean()), abs=1e-6)
     fixed = evaluate_images(eps, images, methods=("ddpm",), variance="fixed_small", ddpm_steps=None, progress=False)

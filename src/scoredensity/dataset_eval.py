@@ -19,7 +19,7 @@ from . import rng
 from .epsfn import PRECISIONS, check_int
 from .eval_store import ResultStore, evaluate_rounds, round_stats
 from .formula import fit_proposal, log_density
-from .image_eval import _round_keys, model_device
+from .image_eval import model_device, round_keys
 from .mixtures import GaussianMixture
 
 __all__ = ["evaluate_dataset", "DATASET_KEYS"]
@@ -139,7 +139,7 @@ def evaluate_dataset(
                 seed=seed,
                 importance=proposal,
                 control_variate=gauss,
-                example_ids=_round_keys(ids, r),
+                example_ids=round_keys(ids, r),
                 progress=False,
                 precision=precision,
                 max_batch=max_batch,

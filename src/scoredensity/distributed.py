@@ -66,6 +66,25 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     raise ValueError(f"unsupported device {name!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
+def join_process_group(device: torch.device) -> bool:
+    """Under torchrun (``WORLD_SIZE`` > 1): join the process group with :func:`backend_for` ``device`` (nccl on
+    CUDA, gloo otherwise), unless already joined. Returns True when running distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device))
+    return True
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This process's device: plain ``cuda`` becomes ``cuda:$LOCAL_RANK`` under torchrun (and is made current)."""
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        if device.index is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
 def backend_for(device: str | torch.device | None) -> str:
     """The process-group backend for ``device``: ``"nccl"`` on CUDA, ``"gloo"`` otherwise."""
     name = default_device() if device is None else str(device)

@@ -283,7 +283,7 @@ def vdm_terms(r: LogDensity, method: str, d: int, lam_min: float, lam_max: float
     }
 
 
-def _round_keys(ids: Tensor, round_: int) -> Tensor:
+def round_keys(ids: Tensor, round_: int) -> Tensor:
     """The estimators' random-stream keys of examples ``ids`` in round ``round_`` (round 0: the ids themselves)."""
     return ids + (int(round_) << _ROUND_SHIFT)
 
@@ -294,7 +294,7 @@ def _block_records(
     """Per-example records (:func:`record_keys`) of the examples ``ids`` of ``images`` in round ``round_``."""
     k = images[ids].to(device)  # [b, *shape] integer levels
     d = k[0].numel()
-    keys = _round_keys(ids, round_)
+    keys = round_keys(ids, round_)
     grid = levels_to_unit_scale(k, s.levels).float()
     out: dict[str, Tensor] = {}
     for m in s.methods:

@@ -44,12 +44,14 @@ def default_device() -> str:
 def resolve_device(name: str | None):
     """The ``torch.device`` for ``--device`` (None: :func:`default_device`), checked to exist on this machine.
 
-    Accepts ``cpu``, ``cuda``, ``cuda:N`` and ``mps``.
+    Accepts ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` (the check is :func:`scoredensity.distributed.resolve_device`).
 
     Raises:
         UsageError: an unknown device name, or one that this machine does not have (the message says why).
     """
     import torch
+
+    from ..distributed import resolve_device as check_device
 
     if name is None or name == "auto":
         name = default_device()
@@ -57,20 +59,14 @@ def resolve_device(name: str | None):
     m = re.fullmatch(r"(cpu|mps|cuda)(?::(\d+))?", name)
     if m is None or (m.group(1) != "cuda" and m.group(2) is not None and m.group(2) != "0"):
         raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {name!r}")
-    kind, index = m.group(1), m.group(2)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        count = torch.cuda.device_count()
-        if index is not None and int(index) >= count:
-            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-        return torch.device("cuda", int(index) if index is not None else torch.cuda.current_device())
-    if kind == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise UsageError(f"--device {name}: Apple MPS is not available on this machine; use --device cpu")
-        return torch.device("mps")
-    return torch.device("cpu")
+    if m.group(1) == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if m.group(1) == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {name}: Apple MPS is not available on this machine; use --device cpu")
+    try:
+        return check_device(name)
+    except ValueError as e:
+        raise UsageError(f"--device {name}: {e}") from None
 
 
 def add_device_arguments(p: argparse.ArgumentParser, *, precision: bool = True, max_batch: bool = True) -> None:

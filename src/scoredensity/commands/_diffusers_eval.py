@@ -67,11 +67,11 @@ def _read_source(src: str) -> tuple[dict[str, np.ndarray], dict]:
 
     p = Path(src)
     if p.is_dir():
-        from ..data.load import _is_cifar_dir, _is_mnist_dir
+        from ..data.load import is_cifar_dir, is_mnist_dir
 
-        if _is_mnist_dir(p):
+        if is_mnist_dir(p):
             return read_mnist(p)
-        if _is_cifar_dir(p):
+        if is_cifar_dir(p):
             return read_cifar10(p)
         return read_image_folder(p)
     if p.is_file():
@@ -127,9 +127,10 @@ def run_diffusers_eval(args: argparse.Namespace) -> int:
     """Load the model and the images, evaluate, print a table or JSON. Under torchrun each process takes a
     shard and rank 0 prints the gathered result."""
     from ..diffusers_io import load_diffusers_eps
+    from ..distributed import join_process_group, local_device
     from ..eval_store import ResultStore
     from ..image_eval import IMAGE_METHODS, data_hash, evaluate_images, record_keys
-    from .evaluate import init_distributed, local_device, resolve_device
+    from ._common import resolve_device
 
     if not args.images:
         raise ValueError("--diffusers needs --images SRC (a folder, .npz/.npy, or MNIST/CIFAR-10 files)")
@@ -138,7 +139,7 @@ def run_diffusers_eval(args: argparse.Namespace) -> int:
     if args.lam_min is not None or args.lam_max is not None:
         raise ValueError("--lam-min/--lam-max do not apply to --diffusers: the model's trained range is used")
     device = resolve_device(args.device)
-    distributed = init_distributed(device)
+    distributed = join_process_group(device)
     device = local_device(device)
     try:
         eps = load_diffusers_eps(args.diffusers, timesteps=args.timesteps, device=device)

@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 
-from ._common import add_threads_argument, apply_threads, training_lam_range
+from ..distributed import join_process_group, local_device
+from ._common import add_threads_argument, apply_threads, resolve_device, training_lam_range
 
 NAME = "evaluate"
 HELP = "held-out negative log-likelihood (nats, bits/dim) of a trained run by the density formula"
@@ -61,55 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_diffusers_arguments(p)
 
 
-def resolve_device(name: str | None):
-    """``--device``: ``None`` -> ``cuda`` when available, else ``cpu``; checks ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-
-    Raises:
-        ValueError: naming the option, for an unknown or unavailable device.
-    """
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def init_distributed(device) -> bool:
-    """Under torchrun (``WORLD_SIZE`` > 1): join the process group (nccl on CUDA, gloo on the CPU) and, on CUDA
-    without an index, take the ``LOCAL_RANK``-th device. Returns True when distributed."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
-        return False
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def local_device(device):
-    """The device of this process: ``cuda`` without an index becomes ``cuda:LOCAL_RANK`` under torchrun."""
-    import torch
-
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device
-
-
 def check_common(args: argparse.Namespace) -> None:
     """Checks shared by both kinds of evaluation (one clear line naming the option)."""
     for opt, v, lo in (("--max-batch", args.max_batch, 1), ("--batch-size", args.batch_size, 1), ("--n", args.n, 2)):
@@ -149,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     apply_threads(args)
     device = resolve_device(args.device)
-    distributed = init_distributed(device)
+    distributed = join_process_group(device)
     device = local_device(device)
     try:
         model, config, dataset = load_run(args.run_dir, ema=not args.raw)

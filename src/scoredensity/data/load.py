@@ -90,11 +90,11 @@ def _load_arrays(path: Path, levels: int | None, **common) -> Dataset:
     )
 
 
-def _is_mnist_dir(p: Path) -> bool:
+def is_mnist_dir(p: Path) -> bool:
     return any((p / (MNIST_FILES["x_train"] + s)).is_file() for s in ("", ".gz"))
 
 
-def _is_cifar_dir(p: Path) -> bool:
+def is_cifar_dir(p: Path) -> bool:
     return any((p / f).is_file() for f in CIFAR10_FILES)
 
 
@@ -212,9 +212,9 @@ def _load(
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected .npy or .npz (or a folder)")
         return _load_arrays(path, levels, **common)
     if path.is_dir():
-        if _is_mnist_dir(path):
+        if is_mnist_dir(path):
             return _load("mnist", root=path, levels=levels, **common)
-        if _is_cifar_dir(path):
+        if is_cifar_dir(path):
             return _load("cifar10", root=path, levels=levels, **common)
         arrays, info = read_image_folder(path)
         meta = {"source": str(path), **info}
