@@ -40,7 +40,7 @@ def data():
 
 
 def test_fixed_large_weights_are_a_riemann_sum_of_the_formula():
-    """w_k = b_k / (2 a_k t_k) is the formula's 1/2 dlam over step k, to first order in the step (seed 000 §4.1)."""
+    """w_k = b_k / (2 a_k t_k) is the formula's 1/2 dlam over step k, to first order (Li & Yan 2024, §4.1)."""
     sched = DDPMSchedule.from_clock(VPLinearClock(), 1000)
     w, _, t = ddpm_step_weights(sched, "fixed_large", 2)
     lam = torch.log1p(-t) - torch.log(t)

@@ -30,7 +30,7 @@ def test_mlp_shapes_dtypes_and_float64_time():
 
 
 def test_v_parameterisation_limits():
-    """eps -> x_t as t -> 1 for any weights (DESIGN.md §1), eps = F for the eps-parameterisation."""
+    """eps -> x_t as t -> 1 for any weights (docs/design.md §1), eps = F for the eps-parameterisation."""
     net = _perturb(MLPDenoiser([3], hidden=32, blocks=1, emb_dim=16, data_std=2.0))
     x = torch.randn(4, 3, dtype=torch.float64)
     t = torch.full((4,), 1 - 1e-14, dtype=torch.float64)  # log-SNR ~ -32: representable only in float64

@@ -10,7 +10,7 @@ and the network is called as ``eps_fn(x_k, t_k)``. With ``a_k = 1 - b_k`` and ``
   ``c2_k = sqrt(a_k) t_{k-1} / t_k``. So ``||mu~_k - mu_k||^2 = c1_k^2 ||x - x0_hat||^2``, which without
   clipping is ``b_k^2 / (a_k t_k) ||z - eps||^2``;
 * reverse variance ``sigma_k^2`` (:func:`reverse_variances`): ``fixed_large`` = ``b_k`` (the KL weight on
-  ``||z - eps||^2`` is ``b_k / (2 a_k t_k)``, a Riemann sum of ``dt / (2 t (1-t))``: seed 000 §4.1) or
+  ``||z - eps||^2`` is ``b_k / (2 a_k t_k)``, a Riemann sum of ``dt / (2 t (1-t))``: Li & Yan 2024, §4.1) or
   ``fixed_small`` = ``sigma~_k^2 = b_k t_{k-1} / t_k`` (weight ``b_k / (2 a_k t_{k-1})``, a gap of about
   ``0.289 d`` nats remains as ``T -> inf``, docs/design.md §3);
 * the **KL terms** ``L_{k-1} = KL(N(mu~_k, sigma~_k^2) || N(mu_k, sigma_k^2))`` for ``k >= 2`` split into a

@@ -13,7 +13,7 @@ Two weightings of the per-example denoising error ``||z - eps_theta(x_t, t)||^2`
 
 Where log-SNR is drawn from (:class:`LamSampler`):
 
-* ``uniform``: uniform in ``lam`` on ``[lam_min, lam_max]``. This *is* seed 001's importance sampling
+* ``uniform``: uniform in ``lam`` on ``[lam_min, lam_max]``. This *is* the importance sampling of Huang et al. (2021)
   (sdeflow-light draws VP time ``s`` with density ∝ ``g^2/sigma^2 = beta(s) / (1 - e^{-B(s)})``; since
   ``dlam = -beta ds / (1 - e^{-B})`` that is the uniform density in log-SNR).
 * ``t_uniform``: uniform in canonical ``t`` (``q(lam) ∝ t (1 - t)``); the weight ``1/(t(1-t))`` then

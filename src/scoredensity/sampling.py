@@ -343,7 +343,7 @@ def ancestral_sample(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """DDPM ancestral sampling with temperature, in canonical time (seed 000 §4.4; MAR's sampler).
+    """DDPM ancestral sampling with temperature, in canonical time (Li & Yan 2024, §4.4; MAR's sampler).
 
     Starts from ``N(0, I)`` at ``lam_min``, steps along :func:`cosine_lam_grid` with
     ``x_s = A x_t + B x0_hat + tau * noise`` and returns ``x0_hat`` at the last node (no noise there).

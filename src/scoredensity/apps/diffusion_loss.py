@@ -320,7 +320,7 @@ class DiffusionLoss(nn.Module):
         token has its own random stream. It computes on the device of ``x``, ``c`` and the head (keyed draws
         there, under ``torch.inference_mode()``) and returns on the CPU; ``precision="bf16"`` autocasts the head
         only. For a learned head the value is, in expectation, a lower bound on the log-likelihood of the plug-in
-        reverse SDE (seed 001).
+        reverse SDE (Huang, Lim & Courville 2021).
 
         Args:
             x: [..., D] tokens. c: [..., C] conditions. n_t: log-SNR nodes per token (default 128, the

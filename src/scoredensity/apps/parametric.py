@@ -8,7 +8,7 @@ exact ``eps*`` (docs/design.md §1)::
     C_k(t) = (1 - t) L_k L_k^T + t I,   r_k = softmax_k(log w_k + log N(x_t; sqrt(1-t) mu_k, C_k(t))).
 
 So each member is at once a denoiser (to be trained by a denoising loss) and a density with a closed-form
-log-likelihood (to judge the training by): the setting of seed 000 §4.1's "certifying ELBO training".
+log-likelihood (to judge the training by): the setting of "certifying ELBO training" (Li & Yan 2024, §4.1).
 
 This is the same mathematics as :class:`scoredensity.mixtures.GaussianMixture` (the project's ground truth),
 written with Cholesky solves instead of an eigendecomposition so that it is differentiable in the parameters

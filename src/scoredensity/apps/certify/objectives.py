@@ -1,4 +1,4 @@
-"""The denoising objectives of certifying ELBO training (seed 000 §4.1), written as sample-average
+"""The denoising objectives of certifying ELBO training (Li & Yan 2024, §4.1), written as sample-average
 approximations over fixed draws, and the minibatch losses of the neural case.
 
 The family is :class:`~scoredensity.apps.parametric.ParametricMixture`: every member is a Gaussian mixture and its
