@@ -14,6 +14,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -568,3 +569,36 @@ def test_real_process_exit_codes(argv, code, names, tmp_path):
     png_claiming(tmp_path / "imgs" / "bomb.png", 20000, 20000)
     r = run_module("scoredensity", *[a.replace("{tmp}", str(tmp_path)) for a in argv], env={"OMP_NUM_THREADS": "1"})
     assert_one_line_error(r.returncode, r.stderr, code, names)
+
+
+# ------------------------------------------------------------------------------------------------ docs and exports
+def test_failure_doc_lists_exactly_the_exit_codes_of_errors_py():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "failure.md").read_text()
+    table = doc[doc.index("## Exit codes") :]
+    codes = [int(m) for m in re.findall(r"^\| (\d+) \|", table, flags=re.M)]
+    assert codes == sorted(errors.EXIT_CODES), codes
+
+
+def test_named_errors_are_exported_with_their_exit_codes():
+    import scoredensity as sd
+
+    cases = {
+        sd.UsageError("x"): errors.EXIT_USAGE,
+        sd.DataError("x"): DATA,
+        sd.CheckpointError("x"): DATA,
+        sd.RunFolderIOError("x"): IO,
+        sd.TrainingDiverged("x", 3, 2): errors.EXIT_DIVERGED,
+        sd.RunLockedError("x"): errors.EXIT_BUSY,
+        sd.TrainingInterrupted("x", 15, 7): errors.EXIT_SIGTERM,
+        sd.TrainingInterrupted("x", 2, 7): errors.EXIT_SIGINT,
+    }
+    for exc, code in cases.items():
+        assert sd.exit_code_for(exc) == code, exc
+    assert isinstance(sd.RunLockedError("x"), sd.RunBusyError | sd.CheckpointError)
+    assert isinstance(sd.TrainingDiverged("x", 3, 2), sd.DivergenceError | RuntimeError)
+    assert issubclass(sd.TrainingInterrupted, sd.Interrupted) and issubclass(sd.UnfinishedRunWarning, UserWarning)
+    assert sd.get_convention("ddpm") is sd.CONVENTIONS["ddpm"] and isinstance(sd.CONVENTIONS["ddpm"], sd.Convention)
+    assert callable(sd.fit_step_proposal) and sd.StepProposal.__name__ == "StepProposal"
+    from scoredensity import rng
+
+    assert sd.rng is rng
