@@ -358,11 +358,13 @@ def write_report(out_dir: str | Path, formula_summary: dict | None, training_sum
             "|---|---|",
             f"| NLL bound (model) | {ev['nll']:.4f} ± {ev['nll_stderr']:.4f} |",
             f"| exact NLL (same points) | {ev['true_nll']:.4f} ± {ev['true_nll_stderr']:.4f} |",
-            f"| gap = NLL bound - exact NLL (paired) | {ev['gap']:.4f} ± {ev['gap_stderr']:.4f} |",
+            f"| bound - exact (paired) | {ev['gap']:.4f} ± {ev['gap_stderr']:.4f} |",
             "",
-            "The bound is an upper bound on the model's NLL, and the model's NLL cannot beat the exact one on "
-            "average, so the gap is >= 0 up to noise; its size is what training has not yet learned. The picture "
-            "below shows the same quantity point by point: gap = exact log-density - bound (>= 0 up to noise).",
+            "The gap, NLL bound - exact NLL on the same points, is paired (its standard error is that of the "
+            "per-point differences). The bound is an upper bound on the model's NLL, and the model's NLL cannot beat "
+            "the exact one on average, so the gap is >= 0 up to noise; its size is what training has not yet "
+            "learned. The picture below shows the same quantity point by point: gap = exact log-density - bound "
+            "(>= 0 up to noise).",
             "",
             "Below, each grid point of the learned density is its own Monte Carlo estimate of the bound (128 "
             "log-SNR nodes), hence the speckle; far from the data the model's density is not the mixture's "
