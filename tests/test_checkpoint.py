@@ -9,6 +9,7 @@ import torch
 from helpers import TINY_TRAIN_ARGS, run_module
 
 import scoredensity.checkpoint as ck
+from scoredensity import errors
 from scoredensity.checkpoint import (
     CheckpointError,
     check_state_dict,
@@ -118,18 +119,24 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path):
 
 def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys):
     # --resume with nothing to resume
-    assert main(["train", "--resume", "--out", str(tmp_path / "none")]) == 2
+    assert main(["train", "--resume", "--out", str(tmp_path / "none")]) == errors.EXIT_DATA
     assert "nothing to resume" in capsys.readouterr().err
     # NaN in the data
     x = np.random.default_rng(0).normal(size=(50, 2))
     x[7, 1] = np.nan
     np.save(tmp_path / "bad.npy", x)
-    assert main(["train", "--data", str(tmp_path / "bad.npy"), "--steps", "2", "--out", str(tmp_path / "r0")]) == 2
+    assert (
+        main(["train", "--data", str(tmp_path / "bad.npy"), "--steps", "2", "--out", str(tmp_path / "r0")])
+        == errors.EXIT_DATA
+    )
     assert "NaN" in capsys.readouterr().err
     # a data directory with the wrong files
     (tmp_path / "wrong").mkdir()
     (tmp_path / "wrong" / "notes.txt").write_text("hello")
-    assert main(["train", "--data", str(tmp_path / "wrong"), "--steps", "2", "--out", str(tmp_path / "r1")]) == 2
+    assert (
+        main(["train", "--data", str(tmp_path / "wrong"), "--steps", "2", "--out", str(tmp_path / "r1")])
+        == errors.EXIT_DATA
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error" in err
     # a good run, then corrupt / truncated checkpoints and a foreign configuration
@@ -141,22 +148,22 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys):
     assert model(torch.zeros(2, 2), torch.full((2,), 0.5, dtype=torch.float64)).shape == (2, 2)
     raw, _, _ = load_run(run, ema=False, load_data=False)
     assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), model.parameters(), strict=True))
-    assert main(["train", "--data", "ring8", "--steps", "2", "--out", str(run)]) == 2  # would overwrite
+    assert main(["train", "--data", "ring8", "--steps", "2", "--out", str(run)]) == errors.EXIT_DATA  # would overwrite
     assert "already holds" in capsys.readouterr().err
-    assert main(["train", "--resume", "--data", "moons", "--out", str(run)]) == 2
+    assert main(["train", "--resume", "--data", "moons", "--out", str(run)]) == errors.EXIT_DATA
     assert "other data" in capsys.readouterr().err
     ckpt = run / "checkpoint.safetensors"
     good = ckpt.read_bytes()
     ckpt.write_bytes(good[:-100])
-    assert main(["evaluate", str(run), "--n", "10"]) == 2
+    assert main(["evaluate", str(run), "--n", "10"]) == errors.EXIT_DATA
     assert "truncated or corrupt" in capsys.readouterr().err
-    assert main(["train", "--resume", "--out", str(run)]) == 2
+    assert main(["train", "--resume", "--out", str(run)]) == errors.EXIT_DATA
     assert "truncated or corrupt" in capsys.readouterr().err
     ckpt.write_bytes(good)
     cfg = json.loads((run / "config.json").read_text())
     cfg["net"]["hidden"] = 32
     (run / "config.json").write_text(json.dumps(cfg))
-    assert main(["evaluate", str(run), "--n", "10"]) == 2
+    assert main(["evaluate", str(run), "--n", "10"]) == errors.EXIT_DATA
     assert "another model configuration" in capsys.readouterr().err
-    assert main(["evaluate", str(tmp_path / "wrong")]) == 2
+    assert main(["evaluate", str(tmp_path / "wrong")]) == errors.EXIT_DATA
     assert "not a training run folder" in capsys.readouterr().err

@@ -8,11 +8,13 @@ real exit path. Loader cases call the readers directly and check the one-line ``
 
 from __future__ import annotations
 
+import argparse
 import errno
 import gzip
 import json
 import os
 import pickle
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -173,10 +175,6 @@ def test_damaged_checkpoint_is_one_line(damage, run_dir, tmp_path, capsys):
     assert_one_line_error(*run_cli(["compare", run, "--n", "3", "--level", "quick"], capsys), DATA)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.py (branch run) raises AttributeError on non-object metrics lines; remove this marker with its fix",
-)
 def test_metrics_with_non_object_lines(run_dir, tmp_path, capsys):
     run = crafted_copy(run_dir, tmp_path)
     with open(run / "metrics.jsonl", "a") as f:
@@ -265,6 +263,65 @@ def test_every_exception_class_is_one_line_with_its_exit_code(exc, code, capsys,
     rc, err = run_cli(["compare"], capsys)
     assert rc == code
     assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
+
+
+def _minimal_argv(sub: argparse.ArgumentParser, name: str) -> list[str]:
+    """``name`` plus placeholder values for the sub-command's required options and positionals."""
+    argv = [name]
+    for a in sub._actions:
+        if a.option_strings and not a.required:
+            continue
+        if not a.option_strings and a.nargs in ("?", "*", argparse.SUPPRESS):
+            continue
+        value = str(next(iter(a.choices))) if a.choices else "1" if a.type in (int, float) else "placeholder"
+        argv += ([a.option_strings[0]] if a.option_strings else []) + [value]
+    return argv
+
+
+@pytest.mark.parametrize(
+    "exc,code",
+    [
+        (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/runs/r/metrics.jsonl"), IO),
+        (OSError(errno.EROFS, os.strerror(errno.EROFS), "/runs/r/metrics.jsonl"), IO),
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/r/metrics.jsonl"), IO),
+    ],
+    ids=["permission", "read-only", "full"],
+)
+def test_every_command_reports_an_os_error_as_one_line_naming_the_file(exc, code, capsys, monkeypatch):
+    import scoredensity.cli as cli
+
+    def boom(args):
+        raise exc
+
+    names = []
+    for mod in cli._command_modules():
+        monkeypatch.setattr(mod, "run", boom)
+        names.append(mod.NAME)
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "evaluate", "sample", "export", "compare", "certify", "classify", "demo", "gan"} <= set(names)
+    for name in names:
+        line = assert_one_line_error(*run_cli(_minimal_argv(subs[name], name), capsys), code, "metrics.jsonl")
+        assert f"scoredensity {name}: error: /runs/r/metrics.jsonl: " in line, line
+
+
+def test_float64_data_beyond_float32_are_rejected_by_every_loader_and_command(tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(400, 2))
+    path = tmp_path / "data.npy"
+    np.save(path, x)
+    train_argv = ["train", *TINY_TRAIN_ARGS, "--data", path, "--steps", "2", "--n", "300", "--out", tmp_path / "run"]
+    assert run_cli(train_argv, capsys)[0] == 0
+    x[[5, 41], 1] = [1e39, -1e300]  # finite in float64, infinite in float32
+    np.save(path, x)
+    with pytest.raises(DataError, match=r"data.npy: x has values beyond the float32 range .* rows \[5, 41\]"):
+        load_dataset(str(path))
+    for argv in (
+        ["evaluate", tmp_path / "run", "--n", "10"],  # the run's data file now holds such values
+        ["train", *TINY_TRAIN_ARGS, "--data", path, "--out", tmp_path / "run2"],
+    ):
+        line = assert_one_line_error(*run_cli(argv, capsys), DATA, "data.npy")
+        assert "float32 range" in line
+    assert not (tmp_path / "run2").exists()
 
 
 def test_debug_shows_the_traceback(capsys, monkeypatch):
@@ -512,3 +569,36 @@ def test_real_process_exit_codes(argv, code, names, tmp_path):
     png_claiming(tmp_path / "imgs" / "bomb.png", 20000, 20000)
     r = run_module("scoredensity", *[a.replace("{tmp}", str(tmp_path)) for a in argv], env={"OMP_NUM_THREADS": "1"})
     assert_one_line_error(r.returncode, r.stderr, code, names)
+
+
+# ------------------------------------------------------------------------------------------------ docs and exports
+def test_failure_doc_lists_exactly_the_exit_codes_of_errors_py():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "failure.md").read_text()
+    table = doc[doc.index("## Exit codes") :]
+    codes = [int(m) for m in re.findall(r"^\| (\d+) \|", table, flags=re.M)]
+    assert codes == sorted(errors.EXIT_CODES), codes
+
+
+def test_named_errors_are_exported_with_their_exit_codes():
+    import scoredensity as sd
+
+    cases = {
+        sd.UsageError("x"): errors.EXIT_USAGE,
+        sd.DataError("x"): DATA,
+        sd.CheckpointError("x"): DATA,
+        sd.RunFolderIOError("x"): IO,
+        sd.TrainingDiverged("x", 3, 2): errors.EXIT_DIVERGED,
+        sd.RunLockedError("x"): errors.EXIT_BUSY,
+        sd.TrainingInterrupted("x", 15, 7): errors.EXIT_SIGTERM,
+        sd.TrainingInterrupted("x", 2, 7): errors.EXIT_SIGINT,
+    }
+    for exc, code in cases.items():
+        assert sd.exit_code_for(exc) == code, exc
+    assert isinstance(sd.RunLockedError("x"), sd.RunBusyError | sd.CheckpointError)
+    assert isinstance(sd.TrainingDiverged("x", 3, 2), sd.DivergenceError | RuntimeError)
+    assert issubclass(sd.TrainingInterrupted, sd.Interrupted) and issubclass(sd.UnfinishedRunWarning, UserWarning)
+    assert sd.get_convention("ddpm") is sd.CONVENTIONS["ddpm"] and isinstance(sd.CONVENTIONS["ddpm"], sd.Convention)
+    assert callable(sd.fit_step_proposal) and sd.StepProposal.__name__ == "StepProposal"
+    from scoredensity import rng
+
+    assert sd.rng is rng

@@ -19,6 +19,7 @@ import torch
 from helpers import TINY_TRAIN_ARGS
 
 from scoredensity import distributed as D
+from scoredensity import errors
 from scoredensity.checkpoint import (
     CheckpointError,
     UnfinishedRunWarning,
@@ -87,10 +88,12 @@ def test_a_second_trainer_is_refused_while_the_first_completes_unharmed(tmp_path
     _wait_for(run / "checkpoint.safetensors", a)
     with pytest.raises(RunLockedError, match="in use by another training process"):
         train(run, resume=True)
-    assert main(["train", "--resume", "--out", str(run)]) == 75
+    assert main(["train", "--resume", "--out", str(run)]) == errors.EXIT_BUSY
     assert "in use by another training process" in capsys.readouterr().err
     assert a.poll() is None, "the first trainer finished before the second one was tried: the test proved nothing"
-    assert main(["train", "--data", "ring8", "--out", str(run), "--device", "cpu"]) == 2  # a new run there: no
+    assert (
+        main(["train", "--data", "ring8", "--out", str(run), "--device", "cpu"]) == errors.EXIT_DATA
+    )  # a new run there: no
     assert "already holds a training run" in capsys.readouterr().err
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnfinishedRunWarning)
@@ -178,7 +181,7 @@ def test_a_folder_with_a_file_of_a_run_name_is_not_a_run(tmp_path, name):
 def test_out_naming_a_file_is_a_clear_error(tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
-    assert main(["train", "--data", "ring8", "--steps", "2", "--out", str(f), "--device", "cpu"]) == 2
+    assert main(["train", "--data", "ring8", "--steps", "2", "--out", str(f), "--device", "cpu"]) == errors.EXIT_IO
     err = capsys.readouterr().err
     assert "is a file, not a folder" in err and err.count("\n") == 1
 
@@ -195,7 +198,9 @@ def test_resume_never_rewrites_lines_it_did_not_write(tmp_path):
 
 def test_out_under_a_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    assert main(["train", "--data", "ring8", "--steps", "2", "--out", str(tmp_path / "afile" / "run")]) == 2
+    assert (
+        main(["train", "--data", "ring8", "--steps", "2", "--out", str(tmp_path / "afile" / "run")]) == errors.EXIT_IO
+    )
     err = capsys.readouterr().err
     assert "cannot create the run folder" in err and err.count("\n") == 1
 
@@ -212,7 +217,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(ck, "save_file", disk_full)
     capsys.readouterr()
-    assert main(["train", "--resume", "--out", str(run), "--steps", "15", "--no-progress"]) == 2
+    assert main(["train", "--resume", "--out", str(run), "--steps", "15", "--no-progress"]) == errors.EXIT_IO
     err = capsys.readouterr().err
     assert "No space left on device (the previous checkpoint is kept)" in err and err.count("\n") == 1
     assert (run / "checkpoint.safetensors").read_bytes() == good
@@ -223,7 +228,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys
 def test_a_bad_setting_leaves_no_folder_behind(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--data", "ring8", "--n", "100", "--batch-size", "5000", "--out", str(run), "--device", "cpu"]
-    assert main(args) == 2
+    assert main(args) == errors.EXIT_USAGE
     assert "exceeds the 80 training examples" in capsys.readouterr().err
     assert not run.exists()
 
@@ -269,12 +274,17 @@ def test_orphaned_temporary_files_are_removed_on_resume(tmp_path):
 # ---------------------------------------------------------------------------------------- 4. divergence
 def test_divergence_exits_nonzero_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     bad = ["--data", "ring8", "--steps", "60", "--lr", "1e3", "--grad-clip", "0", "--warmup", "0", "--eval-n", "0"]
-    assert main(["train", *bad, "--out", str(tmp_path / "a"), "--threads", "1", "--device", "cpu"]) == 3
+    assert (
+        main(["train", *bad, "--out", str(tmp_path / "a"), "--threads", "1", "--device", "cpu"]) == errors.EXIT_DIVERGED
+    )
     err = capsys.readouterr().err
-    errors = [s for s in err.splitlines() if not s.startswith("train: ")]  # not the progress lines of a log
-    assert len(errors) == 1 and "training diverged at step" in errors[0]
+    said = [s for s in err.splitlines() if not s.startswith("train: ")]  # not the progress lines of a log
+    assert len(said) == 1 and "training diverged at step" in said[0]
     # with a checkpoint every step, the one kept is the step before the divergence, with finite weights
-    assert main(["train", *bad, "--out", str(tmp_path / "b"), "--threads", "1", "--checkpoint-every", "1"]) == 3
+    assert (
+        main(["train", *bad, "--out", str(tmp_path / "b"), "--threads", "1", "--checkpoint-every", "1"])
+        == errors.EXIT_DIVERGED
+    )
     err = capsys.readouterr().err
     at = int(re.search(r"diverged at step (\d+)", err).group(1))
     tensors, meta = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
@@ -299,7 +309,7 @@ def test_a_replaced_data_file_is_noticed_by_evaluate_resume_and_load_run(tmp_pat
     run = tmp_path / "run"
     train(run, str(path), net=TINY, config=_cfg())
     np.save(path, 3 + rng.normal(size=(200, 2)).astype(np.float32))  # same shape, other values
-    assert main(["evaluate", str(run), "--n", "10"]) == 2
+    assert main(["evaluate", str(run), "--n", "10"]) == errors.EXIT_DATA
     assert "not those the run was trained on" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="not those the run was trained on"):
         train(run, resume=True, steps=12)
@@ -445,10 +455,10 @@ def test_config_json_is_checked_against_its_schema(finished_run, tmp_path, capsy
     (run / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=message):
         read_config(run)
-    assert main(["evaluate", str(run), "--n", "10"]) == 2  # one line, no traceback
+    assert main(["evaluate", str(run), "--n", "10"]) == errors.EXIT_DATA  # one line, no traceback
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config.json" in err
-    assert main(["train", "--resume", "--out", str(run)]) == 2
+    assert main(["train", "--resume", "--out", str(run)]) == errors.EXIT_DATA
     assert "config.json" in capsys.readouterr().err
 
 

@@ -46,6 +46,37 @@ def test_learning_rate_schedule():
     assert all(_lr_at(cfg, s) >= _lr_at(cfg, s + 1) for s in range(100, 1000))
 
 
+def _tiny_train_argv(out) -> list[str]:
+    """A 2-step ring8 MLP run with no --threads option (the thread default is what is tested)."""
+    return ["train", "--data", "ring8", "--n", "200", "--batch-size", "32", "--hidden", "16", "--blocks", "1",
+            "--eval-n", "0", "--no-progress", "--steps", "2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+
+
+def test_train_threads_default_like_the_other_commands(tmp_path, monkeypatch, capsys):
+    """``train`` without --threads: 1 thread for an MLP on 2-D data (the other commands' default), OMP_NUM_THREADS
+    honoured when set (torch's setting left alone), an explicit --threads used as given, also on --resume."""
+    from scoredensity.commands._common import default_threads
+
+    n0 = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        assert main(_tiny_train_argv(tmp_path / "a")) == 0
+        assert torch.get_num_threads() == default_threads("small") == 1
+        assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["threads"] == 0  # not pinned
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert main(_tiny_train_argv(tmp_path / "b")) == 0
+        assert torch.get_num_threads() == 2  # left as OMP_NUM_THREADS set it
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert main(["train", "--resume", "--out", str(tmp_path / "b"), "--steps", "3", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(_tiny_train_argv(tmp_path / "c") + ["--threads", "-1"]) == 2
+        assert "--threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(n0)
+
+
 def test_digits_train_and_evaluate_bits_per_dim(tmp_path, capsys):
     """Discrete data: keyed dequantisation, logit transform and bits/dim on the published scale."""
     cfg = TrainConfig(steps=3, batch_size=16, eval_n=0, device="cpu")

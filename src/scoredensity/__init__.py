@@ -6,6 +6,7 @@ weighting, samplers, adapters and applications. One time convention: canonical t
 ``x_t = sqrt(1 - t) x + sqrt(t) z`` (see docs/design.md).
 """
 
+from . import rng
 from .adapters import (
     PREDICTION_KINDS,
     ClockEps,
@@ -32,7 +33,8 @@ from .apps import (
 )
 from .apps.diffusion_loss import CausalTransformerAR, DiffusionLoss
 from .apps.gan import GANConfig, GANResult, regulariser_gradient, score_regulariser, train_gan
-from .checkpoint import CheckpointError, load_run
+from .checkpoint import CheckpointError, RunFolderIOError, UnfinishedRunWarning, load_run
+from .conventions import CONVENTIONS, Convention, get_convention
 from .data import (
     LOGIT_ALPHA,
     DataError,
@@ -45,10 +47,20 @@ from .data import (
     split_indices,
 )
 from .data.toys import BimodalARProcess
-from .ddpm import ddpm_elbo, discretized_gaussian_log_likelihood
+from .ddpm import StepProposal, ddpm_elbo, discretized_gaussian_log_likelihood, fit_step_proposal
 from .diffusers_io import LoadedDiffusers, load_diffusers, load_diffusers_eps, save_diffusers
 from .elbo import elbo
 from .epsfn import EpsFn, call_eps, check_data
+from .errors import (
+    EXIT_CODES,
+    DivergenceError,
+    InputFileError,
+    Interrupted,
+    RunBusyError,
+    ScoreDensityError,
+    UsageError,
+    exit_code_for,
+)
 from .formula import end_terms, fit_proposal, integrate_expected_error, log_density
 from .image_eval import evaluate_images
 from .logdensity import LogDensity, bits_per_dim
@@ -57,6 +69,7 @@ from .mixtures import MIXTURE_PRESETS, GaussianMixture, mixture_preset
 from .nets import MLPDenoiser, UNetDenoiser, build_denoiser, denoiser_config
 from .ode import ODESolverError, ode_log_likelihood
 from .proposals import LambdaProposal
+from .runlock import RunLockedError
 from .sampling import (
     SAMPLERS,
     ancestral_sample,
@@ -81,12 +94,31 @@ from .schedules import (
     logsnr_from_t,
     t_from_logsnr,
 )
-from .train import TrainConfig, TrainResult, evaluate_model, train
+from .train import TrainConfig, TrainingDiverged, TrainingInterrupted, TrainResult, evaluate_model, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "rng",
+    "ScoreDensityError",
+    "UsageError",
+    "InputFileError",
+    "DivergenceError",
+    "RunBusyError",
+    "Interrupted",
+    "EXIT_CODES",
+    "exit_code_for",
     "CheckpointError",
+    "RunFolderIOError",
+    "RunLockedError",
+    "UnfinishedRunWarning",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "Convention",
+    "CONVENTIONS",
+    "get_convention",
+    "StepProposal",
+    "fit_step_proposal",
     "load_run",
     "evaluate_images",
     "LamSampler",

@@ -35,9 +35,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config_schema import ConfigError, check_run_config, check_step
+from .errors import EXIT_IO, InputFileError
 
 __all__ = [
     "CheckpointError",
+    "RunFolderIOError",
     "CHECKPOINT_NAME",
     "CONFIG_NAME",
     "save_checkpoint",
@@ -58,8 +60,18 @@ CONFIG_NAME = "config.json"
 FORMAT = "scoredensity-checkpoint/1"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or run folder that cannot be used; the message says which file and why."""
+class CheckpointError(InputFileError):
+    """A checkpoint or run folder that cannot be used; the message says which file and why (exit code 3).
+
+    A ``ValueError`` (and :class:`~scoredensity.errors.InputFileError`)."""
+
+
+class RunFolderIOError(CheckpointError):
+    """A run folder or checkpoint that cannot be created, locked or written: a full disk, no permission, a
+    read-only file system, ``--out`` naming a file or a path under a file (exit code 4, an I/O error). Whatever
+    was on disk before is kept."""
+
+    exit_code = EXIT_IO
 
 
 class UnfinishedRunWarning(UserWarning):
@@ -93,7 +105,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+        raise RunFolderIOError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         _honour_umask(tmp)
         with os.fdopen(fd, "w") as f:
@@ -104,7 +116,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e} (the previous file is kept)") from None
+        raise RunFolderIOError(f"cannot write {path}: {e.strerror or e} (the previous file is kept)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -128,7 +140,7 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p} is corrupt (not valid JSON: {e})") from None
     except OSError as e:
-        raise CheckpointError(f"{p} cannot be read: {e.strerror or e}") from None
+        raise RunFolderIOError(f"{p} cannot be read: {e.strerror or e}") from None
     if not isinstance(cfg, dict) or any(not isinstance(cfg.get(k), dict) for k in ("data", "net", "train")):
         missing = [k for k in ("data", "net", "train") if not isinstance(cfg, dict) or not isinstance(cfg.get(k), dict)]
         raise CheckpointError(f"{p} is not a scoredensity run configuration (missing {missing})")
@@ -170,7 +182,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], meta: d
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        raise RunFolderIOError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"scoredensity": json.dumps(doc)})
@@ -182,7 +194,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], meta: d
     except (OSError, SafetensorError) as e:
         Path(tmp).unlink(missing_ok=True)
         reason = getattr(e, "strerror", None) or e
-        raise CheckpointError(f"cannot write checkpoint {path}: {reason} (the previous checkpoint is kept)") from None
+        raise RunFolderIOError(f"cannot write checkpoint {path}: {reason} (the previous checkpoint is kept)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -205,7 +217,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     try:
         data = path.read_bytes()  # one read: metadata and tensors of the same version of the file
     except OSError as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
+        raise RunFolderIOError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
     try:
         raw = _safetensors_metadata(data).get("scoredensity")
         tensors = load_bytes(data)

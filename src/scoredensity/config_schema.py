@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InputFileError
+
 __all__ = [
     "ConfigError",
     "Key",
@@ -34,8 +36,9 @@ MAX_STEPS = 10**9
 MAX_SEED = 2**63 - 1
 
 
-class ConfigError(ValueError):
-    """A run configuration or checkpoint value of the wrong type or out of range; names the file and key."""
+class ConfigError(InputFileError):
+    """A run configuration or checkpoint value of the wrong type or out of range; names the file and key (exit
+    code 3; a ``ValueError``)."""
 
 
 @dataclass(frozen=True)

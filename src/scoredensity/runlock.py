@@ -14,7 +14,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, CheckpointError
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, RunFolderIOError
+from .errors import EXIT_BUSY, RunBusyError
 
 __all__ = ["LOCK_NAME", "RunLockedError", "RunLock", "RUN_FILES", "foreign_entries", "remove_orphans", "umask"]
 
@@ -24,8 +25,11 @@ RUN_FILES = frozenset({CONFIG_NAME, CHECKPOINT_NAME, METRICS_NAME, "tensorboard"
 """Entries a training run writes into its folder (besides temporary files, see :func:`is_temporary`)."""
 
 
-class RunLockedError(CheckpointError):
-    """Another process is training or resuming this run folder."""
+class RunLockedError(CheckpointError, RunBusyError):
+    """Another process is training or resuming this run folder (exit code 6; also a
+    :class:`~scoredensity.errors.RunBusyError`)."""
+
+    exit_code = EXIT_BUSY
 
 
 def umask() -> int:
@@ -82,7 +86,7 @@ class RunLock:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CheckpointError(f"cannot create the run folder {str(self.run_dir)!r}: {e.strerror or e}") from None
+            raise RunFolderIOError(f"cannot create the run folder {str(self.run_dir)!r}: {e.strerror or e}") from None
         lock = FileLock(str(self.path), timeout=0)  # created honouring the umask
         try:
             lock.acquire()
@@ -92,7 +96,7 @@ class RunLock:
                 "wait until it finishes, or choose another --out"
             ) from None
         except OSError as e:  # after Timeout, which is an OSError too
-            raise CheckpointError(f"cannot lock the run folder {str(self.run_dir)!r}: {e.strerror or e}") from None
+            raise RunFolderIOError(f"cannot lock the run folder {str(self.run_dir)!r}: {e.strerror or e}") from None
         self._lock = lock
         return self
 

@@ -46,6 +46,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
     CheckpointError,
+    RunFolderIOError,
     check_state_dict,
     data_fingerprint,
     flatten_optimizer_state,
@@ -70,6 +72,7 @@ from .checkpoint import (
 )
 from .config_schema import TRAIN_SCHEMA, ConfigError, check_run_config, check_section, check_step
 from .epsfn import PRECISIONS, autocast_context
+from .errors import DivergenceError, Interrupted
 from .losses import LAM_SAMPLINGS, WEIGHTINGS, LamSampler, dsm_loss, keyed_uniforms
 from .nets import build_denoiser, denoiser_config, eval_eps_fn
 from .rng import Stream
@@ -96,8 +99,10 @@ FP16_SKIP_LIMIT = 50
 """fp16 only: consecutive steps with non-finite gradients (skipped by the gradient scaler) that count as divergence."""
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights became non-finite; the last good checkpoint on disk is kept.
+class TrainingDiverged(DivergenceError):
+    """The loss or the weights became non-finite; the last good checkpoint on disk is kept (exit code 5).
+
+    A :class:`~scoredensity.errors.DivergenceError` (and a ``RuntimeError``).
 
     Attributes:
         step: the step at which it was detected. checkpoint_step: the step of the checkpoint kept (None: none yet).
@@ -108,16 +113,19 @@ class TrainingDiverged(RuntimeError):
         self.step, self.checkpoint_step = step, checkpoint_step
 
 
-class TrainingInterrupted(RuntimeError):
-    """SIGTERM or SIGINT stopped training after a checkpoint of the current step was saved.
+class TrainingInterrupted(Interrupted, RuntimeError):
+    """SIGTERM or SIGINT stopped training after a checkpoint of the current step was saved (exit code
+    128 + the signal: 143 for SIGTERM, 130 for SIGINT).
+
+    An :class:`~scoredensity.errors.Interrupted` (and a ``RuntimeError``).
 
     Attributes:
-        signum: the signal number. step: the step saved (the run resumes from it).
+        signum: the signal number. step: the step saved (the run resumes from it). exit_code: 128 + signum.
     """
 
     def __init__(self, message: str, signum: int, step: int):
-        super().__init__(message)
-        self.signum, self.step = signum, step
+        super().__init__(message, signum)
+        self.step = step
 
 
 @dataclass
@@ -455,7 +463,7 @@ def _resolve_run(run_dir, data, config, resume: bool, steps: int | None, device:
     """Settings of a new or resumed run, checked (types, ranges, schema of a stored ``config.json``)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"--out {str(run_dir)!r} is a file, not a folder")
+        raise RunFolderIOError(f"--out {str(run_dir)!r} is a file, not a folder")
     stored = None
     if resume:
         if not (run_dir / CONFIG_NAME).is_file() and not (run_dir / CHECKPOINT_NAME).is_file():
@@ -491,20 +499,11 @@ def _resolve_run(run_dir, data, config, resume: bool, steps: int | None, device:
 
 
 def _load_training_data(data_args: dict, batch_size: int):
-    """The run's data set, checked: finite in float32 and at least one batch of training examples."""
-    from .data import DataError, load_dataset
+    """The run's data set, checked (:func:`scoredensity.data.load_dataset` rejects data that are not finite in
+    float32) and holding at least one batch of training examples."""
+    from .data import load_dataset
 
     dataset = load_dataset(**data_args)
-    if dataset.levels is None:
-        for key in ("x_train", "x_test"):
-            x = getattr(dataset, key)
-            finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-            if not finite.all():
-                rows = (~finite).nonzero().flatten()[:10].tolist()
-                raise DataError(
-                    f"{dataset.meta.get('source', dataset.name)}: {key} has values beyond the float32 range "
-                    f"(|x| > 3.4e38, infinite after the cast to float32) in rows {rows}"
-                )
     if batch_size > len(dataset.x_train):
         raise ValueError(f"batch_size {batch_size} exceeds the {len(dataset.x_train)} training examples")
     return dataset
@@ -944,6 +943,7 @@ def train(
     steps: int | None = None,
     progress: bool | None = None,
     device: str | None = None,
+    default_threads: Callable[[str], int | None] | None = None,
 ) -> TrainResult:
     """Train (or resume) a denoiser; see the module docstring.
 
@@ -961,17 +961,24 @@ def train(
         progress: True: a tqdm bar; False: nothing; None (default): the bar when stderr is a terminal, else a plain
             progress line every :data:`PROGRESS_SECONDS` seconds.
         device: overrides ``config.device`` (and the stored device when resuming; default there: this machine's).
+        default_threads: used when the run's ``threads`` setting is 0: called with the network's kind
+            (``"unet"`` or ``"small"``) once it is known, it returns the number of torch threads to set (None:
+            leave torch's setting as it is). The command line passes
+            :func:`scoredensity.commands._common.default_threads`. None (default): leave the threads alone.
 
     Returns:
         :class:`TrainResult` (its networks on the training device).
 
     Raises:
-        CheckpointError: resume with nothing to resume, a run folder locked by another process
-            (:class:`~scoredensity.runlock.RunLockedError`), a folder that is not a run, a corrupt or crafted
-            checkpoint or config, a checkpoint from another configuration, or changed data.
-        TrainingDiverged: non-finite loss or weights (the last good checkpoint is kept).
-        TrainingInterrupted: SIGTERM/SIGINT (a checkpoint of the current step was saved first).
-        ValueError / DataError: bad settings or data.
+        CheckpointError: resume with nothing to resume, a folder that is not a run (or already holds one), a
+            corrupt or crafted checkpoint or config, a checkpoint from another configuration, or changed data
+            (command-line exit code 3).
+        RunFolderIOError: the run folder cannot be created, locked or written (a file, a path under a file, no
+            permission, a full disk; the previous checkpoint is kept; exit code 4). A ``CheckpointError``.
+        RunLockedError: another process trains or resumes the run folder (exit code 6). A ``CheckpointError``.
+        TrainingDiverged: non-finite loss or weights (the last good checkpoint is kept; exit code 5).
+        TrainingInterrupted: SIGTERM/SIGINT (a checkpoint of the current step was saved first; exit code 143/130).
+        ValueError / DataError: bad settings (exit code 2) or data (exit code 3).
     """
     rank, _ = D.rank_world()
     spec = _resolve_run(run_dir, data, config, resume, steps, device)
@@ -980,6 +987,10 @@ def train(
         torch.set_num_threads(cfg.threads)
     dataset = _load_training_data(spec.data_args, cfg.batch_size)
     net_cfg = spec.net_cfg if spec.net_cfg is not None else _network_config(net, cfg, dataset)
+    if not cfg.threads and default_threads is not None:
+        n_threads = default_threads("unet" if net_cfg.get("type") == "unet" else "small")
+        if n_threads:
+            torch.set_num_threads(int(n_threads))
     fingerprint = data_fingerprint(dataset)
     stored_fp = None if spec.stored is None else spec.stored.get("data_fingerprint")
     if stored_fp is not None and stored_fp != fingerprint:

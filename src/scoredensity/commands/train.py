@@ -1,24 +1,23 @@
 """``scoredensity train``: train a denoiser with the likelihood-weighted loss (a thin layer over
 :func:`scoredensity.train.train`). Runs under ``torchrun`` too (nccl on CUDA, gloo on the CPU).
 
-Exit codes: 0 trained; 2 bad settings, data or run folder (one-line error); 3 training diverged (the last good
-checkpoint is kept); 75 the run folder is locked by another training process (try again later); 130 stopped by
+Errors are raised, and :mod:`scoredensity.cli` reports each as one line with the exit codes of
+:mod:`scoredensity.errors`: 0 trained; 2 bad settings; 3 bad data, run folder contents, checkpoint or config.json;
+4 I/O (``--out`` a file or under a file, no permission, full disk: the previous checkpoint is kept); 5 training
+diverged (the last good checkpoint is kept); 6 the run folder is locked by another training process; 130 stopped by
 SIGINT and 143 stopped by SIGTERM, in both cases after saving a checkpoint of the current step."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
+
+from ..errors import EXIT_BUSY, EXIT_DATA, EXIT_DIVERGED, EXIT_IO, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE
+from ._common import add_threads_argument, default_threads
 
 NAME = "train"
 HELP = "train a diffusion denoiser on a data set (mixture presets, toys, digits, mnist, cifar10, paths)"
-
-EXIT_DIVERGED = 3
-EXIT_LOCKED = 75  # EX_TEMPFAIL: another process holds the run folder
-EXIT_SIGINT = 128 + signal.SIGINT
-EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,9 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     p.epilog = (
-        "exit codes: 0 trained; 2 bad settings, data or run folder; 3 training diverged (the last good checkpoint "
-        "is kept); 75 the run folder is in use by another training process; 130 / 143 stopped by SIGINT / SIGTERM "
-        "after saving a checkpoint (continue with --resume)"
+        f"exit codes: 0 trained; {EXIT_USAGE} bad settings; {EXIT_DATA} bad data, run folder contents, checkpoint "
+        f"or config.json; {EXIT_IO} I/O error (--out a file, no permission, full disk: the previous checkpoint is "
+        f"kept); {EXIT_DIVERGED} training diverged (the last good checkpoint is kept); {EXIT_BUSY} the run folder "
+        f"is in use by another training process; {EXIT_SIGINT} / {EXIT_SIGTERM} stopped by SIGINT / SIGTERM after "
+        "saving a checkpoint (continue with --resume)"
     )
     p.add_argument("--data", help="data set name (ring8, grid25, blobs2d, moons, digits, mnist, ...) or a path")
     p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {d.steps})")
@@ -75,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-n", type=int, default=d.eval_n, help="held-out points for the NLL (0: none)")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    add_threads_argument(g)
     g.add_argument(
         "--device",
         default=None,
@@ -98,9 +99,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train; print the final held-out evaluation. Returns the exit code (see the module docstring)."""
     from .. import distributed as D
-    from ..runlock import RunLockedError
-    from ..train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
+    from ..errors import UsageError
+    from ..train import TrainConfig, train
 
+    if args.threads is not None and args.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     distributed = D.init_from_env(device=args.device)
     if not args.resume and not args.data:
         raise ValueError("--data is required (unless --resume)")
@@ -144,12 +147,12 @@ def run(args: argparse.Namespace) -> int:
         eval_n=args.eval_n,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
-        threads=args.threads,
+        threads=args.threads or 0,
         precision=args.precision,
         **({"device": args.device} if args.device else {}),
     )
     rank = D.rank_world()[0]
-    try:
+    try:  # errors propagate: the CLI reports them as one line with the exit codes of scoredensity.errors
         res = train(
             args.out,
             data if not args.resume or args.data else None,
@@ -159,20 +162,8 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             progress=False if args.no_progress else None,
             device=args.device,
+            default_threads=default_threads if args.threads is None else (lambda _kind: args.threads or None),
         )
-    except RunLockedError as e:
-        print(f"scoredensity train: error: {e}", file=sys.stderr)
-        return EXIT_LOCKED
-    except TrainingDiverged as e:
-        print(f"scoredensity train: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except TrainingInterrupted as e:
-        print(f"scoredensity train: {e}", file=sys.stderr)
-        return EXIT_SIGTERM if e.signum == signal.SIGTERM else EXIT_SIGINT
-    except OSError as e:  # e.g. metrics.jsonl on a full disk or in a read-only folder
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"scoredensity train: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
     finally:
         if distributed:
             import torch.distributed as dist

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputFileError
 from ..logdensity import bits_per_dim as _bits_per_dim
 from ..mixtures import GaussianMixture
 
@@ -60,8 +61,9 @@ def levels_to_unit_scale(k: Tensor, levels: int, u: Tensor | float = 0.5) -> Ten
     return 2 * (k.to(torch.float64) + u - 0.5) / (levels - 1) - 1
 
 
-class DataError(ValueError):
-    """Bad or unreadable input data; the message names the file, rows or keys at fault."""
+class DataError(InputFileError):
+    """Bad or unreadable input data; the message names the file, rows or keys at fault (exit code 3; a
+    ``ValueError``)."""
 
 
 @dataclass(frozen=True)
@@ -317,7 +319,16 @@ def _as_tensor(a, key: str, source: str, levels: int | None) -> Tensor:
             rows = (~finite).nonzero().flatten()
             more = "" if len(rows) <= 10 else f" (and {len(rows) - 10} more)"
             raise DataError(f"{source}: {key} contains NaN or Inf in rows {rows[:10].tolist()}{more}")
-        return t.to(torch.float32)
+        t32 = t.to(torch.float32)
+        finite = torch.isfinite(t32.reshape(t32.shape[0], -1)).all(dim=1)
+        if not finite.all():  # finite float64 values beyond float32's range (|x| > 3.4e38) become Inf in the cast
+            rows = (~finite).nonzero().flatten()
+            more = "" if len(rows) <= 10 else f" (and {len(rows) - 10} more)"
+            raise DataError(
+                f"{source}: {key} has values beyond the float32 range (|x| > 3.4e38, infinite after the cast to "
+                f"float32) in rows {rows[:10].tolist()}{more}"
+            )
+        return t32
     if t.is_floating_point():
         finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
         if not finite.all():
