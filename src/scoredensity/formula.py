@@ -29,9 +29,7 @@ number of examples. Results come back on the CPU.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -187,17 +185,6 @@ def stratified_mean_and_var(pairs: Tensor) -> tuple[Tensor, Tensor]:
     (each stratum's variance from its own two draws, so the standard error is honest)."""
     strata = pairs.shape[1]
     return pairs.mean(2).mean(1), ((pairs[:, :, 0] - pairs[:, :, 1]) ** 2 / 4).sum(1) / strata**2
-
-
-def example_generator(seed: int, index: int, stream: int) -> torch.Generator:
-    """Deprecated: a per-example CPU ``torch.Generator``; draw through :mod:`scoredensity.rng` instead.
-
-    Kept for one release for the modules that still import it; the estimators no longer use it."""
-    warnings.warn(
-        "formula.example_generator is deprecated; draw through scoredensity.rng", DeprecationWarning, stacklevel=2
-    )
-    h = hashlib.blake2b(f"{seed}/{index}/{stream}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
 
 
 def resolve_control_variate(control_variate, x: Tensor) -> Reference | None:
