@@ -32,6 +32,7 @@ from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
 from . import rng
+from .conventions import Convention, get_convention
 from .epsfn import (
     EpsFn,
     call_eps,
@@ -146,6 +147,7 @@ def ode_log_likelihood(
     max_batch: int | None = None,
     chunk_size: int | None = None,
     progress: bool | None = None,
+    convention: str | Convention | None = None,
 ) -> LogDensity:
     """Log-likelihood of ``x`` under the probability-flow ODE model of ``eps_fn`` (nats per example).
 
@@ -188,6 +190,13 @@ def ode_log_likelihood(
         max_batch: examples solved together (one ODE per block; the graph of each call is freed after its
             vjps). Default from a memory budget. ``chunk_size``: deprecated alias.
         progress: tqdm bar over blocks of examples (default: when more than 4 blocks).
+        convention: ``"score-sde"`` (Song et al. 2021's ``likelihood.py``): the VP-SDE (beta 0.1..20) range
+            ``[lambda(s=1), lambda(s=1e-5)] = [-10.05, 13.8]``, the prior ``N(0, I)`` at ``s = 1`` and the data at
+            ``s = 1e-5`` (no noise added); ``logp`` is the density of the dequantised data, to which the
+            convention's bits/dim add ``bits_offset = 7`` (``get_convention("score-sde").bits_per_dim``).
+            ``"scoredensity"``: this library's defaults (the model's range). Explicit ``lam_min``/``lam_max``
+            override the convention's, and ``info["convention"]`` then lists them. Discrete-time conventions and
+            ``"vdm"`` (a categorical decoder the ODE does not have: use :func:`scoredensity.log_density`) raise.
 
     ``x`` may live on any device (``eps_fn`` is called there); the result is on the CPU.
 
@@ -211,6 +220,7 @@ def ode_log_likelihood(
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
     if max_step is not None and not max_step > 0:
         raise ValueError(f"max_step must be positive (log-SNR units) or None, got {max_step}")
+    lam_min, lam_max, convention_name = _apply_convention(convention, lam_min, lam_max)
     lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
     precision = check_precision(precision)
     b, d = x.shape[0], x[0].numel()
@@ -277,8 +287,34 @@ def ode_log_likelihood(
             "cost": nfe + vjp,
             "precision": precision,
             "max_batch": max_batch,
+            "convention": convention_name,
         },
     )
+
+
+def _apply_convention(
+    convention: str | Convention | None, lam_min: float | None, lam_max: float | None
+) -> tuple[float | None, float | None, str | None]:
+    """``(lam_min, lam_max, name)``: the ends left as ``None`` from the convention's range, and its name with any
+    explicit change (``"score-sde+lam_min=-12.0"``); ``(lam_min, lam_max, None)`` without a convention.
+
+    Raises:
+        ValueError: for a convention the ODE cannot evaluate (discrete time, or VDM's categorical decoder).
+    """
+    if convention is None:
+        return lam_min, lam_max, None
+    conv = get_convention(convention)
+    if conv.name != "scoredensity" and (conv.time != "continuous" or conv.clean_end == "categorical"):
+        raise ValueError(
+            f"convention {conv.name!r} ({conv.estimator}, {conv.clean_end} clean end) is not an ODE likelihood; "
+            "ode_log_likelihood takes score-sde and scoredensity (vdm: log_density; ddpm, improved-diffusion: "
+            "ddpm_elbo)"
+        )
+    base = (None, None) if conv.lam_range is None else conv.lam_range
+    given = {"lam_min": lam_min, "lam_max": lam_max}
+    changed = {k: v for (k, v), b in zip(given.items(), base, strict=True) if v is not None and v != b}
+    name = conv.name + ("+" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) if changed else "")
+    return (base[0] if lam_min is None else lam_min), (base[1] if lam_max is None else lam_max), name
 
 
 def _probes(seed: int, keys: Tensor, like: Tensor, n: int, kind: str) -> Tensor:
