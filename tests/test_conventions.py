@@ -414,3 +414,15 @@ def test_convention_errors_are_one_line_and_name_the_choice():
     r = log_density(GAUSS.eps, _vdm_data(4, 1), convention="vdm", lam_min=-6.0, n_t=4)
     assert r.info["convention"] == "vdm+lam_min=-6.0" and r.info["lam_min"] == -6.0
     assert log_density(GAUSS.eps, x2, n_t=4).info["convention"] is None
+
+
+def test_scoredensity_convention_is_the_library_default_with_its_decoder():
+    k = torch.randint(0, 256, (4, 3), generator=torch.Generator().manual_seed(0)).double()
+    x = 2 * k / 255 - 1  # the library's 8-bit grid
+    r = log_density(GAUSS.eps, x, convention="scoredensity", n_t=4)
+    assert (r.info["decoder"], r.info["levels"], r.info["convention"]) == ("discretized", 256, "scoredensity")
+    assert (r.info["lam_min"], r.info["lam_max"]) == (-20.0, 20.0)  # the model's range (none here): the default
+    o = ode_log_likelihood(GAUSS.eps, x[:1], convention="scoredensity", steps=4)
+    assert (o.info["lam_min"], o.info["lam_max"], o.info["convention"]) == (-20.0, 20.0, "scoredensity")
+    with pytest.raises(ValueError, match="not on the grid of 256 levels"):
+        log_density(GAUSS.eps, x + 1e-3, convention="scoredensity", n_t=4)

@@ -9,7 +9,9 @@ the plug-in reverse SDE (seed 001). We integrate over ``[lam_min, lam_max]`` and
 exact terms of Variational Diffusion Models (Kingma et al. 2021):
 
 * noisy end: ``-KL(q(x_{t_max} | x) || N(0, I))`` with ``t_max = sigmoid(-lam_min)``;
-* clean end: the Gaussian reconstruction term ``-(d/2) log(2 pi e t_min / (1 - t_min))``, ``t_min = sigmoid(-lam_max)``;
+* clean end: the Gaussian reconstruction term ``-(d/2) log(2 pi e t_min / (1 - t_min))``, ``t_min = sigmoid(-lam_max)``
+  (``decoder="gaussian"``), or a decoder of discrete data: DDPM's discretised Gaussian (``"discretized"``) or
+  VDM's categorical Gaussian (``"categorical"``);
 * in between: ``-1/2 ∫ E ||z - eps||^2 dlam`` (the likelihood-weighted denoising loss).
 
 Their sum is a lower bound for any ``eps`` (decoder + reverse SDE + prior model) and tends to ``log p_0``
@@ -59,6 +61,7 @@ from .mixtures import GaussianMixture, StandardNormal
 from .proposals import LambdaProposal
 
 __all__ = [
+    "DECODERS",
     "log_density",
     "fit_proposal",
     "resolve_control_variate",
