@@ -399,3 +399,36 @@ def test_discrete_bad_input():
         model(torch.zeros(2, 2, 8, 8, dtype=torch.float64), t)
     with pytest.raises(ValueError, match="not a discrete variance-preserving"):
         DiffusersEps(fake, {"_class_name": "FlowMatchEulerDiscreteScheduler"})
+
+
+def test_diffusers_lam_range_is_the_estimators_default():
+    from scoredensity import log_density, ode_log_likelihood
+
+    betas = betas_from_scheduler_config(COARSE)
+    model = DiffusersEps(FakeUNet(betas, "eps"), COARSE)
+    t_1, t_T = model.t_range
+    lo, hi = model.lam_range
+    assert math.isclose(hi, math.log((1 - t_1) / t_1), rel_tol=1e-12)
+    assert math.isclose(lo, math.log((1 - t_T) / t_T), rel_tol=1e-12)
+    x = IMG_GM.sample(6, generator=torch.Generator().manual_seed(2)).reshape(6, *SHAPE)
+    with pytest.raises(ValueError, match="trained on"):  # the old default range extrapolates the network
+        log_density(model, x, n_t=8, lam_min=-20.0, lam_max=20.0)
+    r = log_density(model, x, n_t=16, seed=3)
+    assert (r.info["lam_min"], r.info["lam_max"]) == (lo, hi)
+    ref = log_density(_exact, x, n_t=16, seed=3, lam_min=lo, lam_max=hi)  # same nodes and noise, exact eps
+    _close(r.logp, ref.logp, 1e-8)
+    o = ode_log_likelihood(model, x[:2], steps=8)  # a fixed grid: both runs call at the same times
+    assert (o.info["lam_min"], o.info["lam_max"]) == (lo, hi)
+    _close(o.logp, ode_log_likelihood(_exact, x[:2], steps=8, lam_min=lo, lam_max=hi).logp, 1e-8)
+
+
+def test_diffusers_lam_range_at_zero_terminal_snr():
+    from scoredensity.epsfn import DEFAULT_LAM_RANGE
+
+    config = dict(COARSE, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    model = DiffusersEps(FakeUNet(betas_from_scheduler_config(config), "v"), config)
+    lo, hi = model.lam_range
+    assert lo == DEFAULT_LAM_RANGE[0]  # log-SNR -inf is trained: every lower end is inside
+    assert math.isclose(hi, math.log((1 - model.t_range[0]) / model.t_range[0]), rel_tol=1e-12)
+    x_t = _images(torch.full((2,), 0.5, dtype=torch.float64))
+    model(x_t, torch.sigmoid(torch.full((2,), -lo, dtype=torch.float64)))  # the lower end is in range

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from scoredensity.conventions import CONVENTIONS, Convention, get_convention
@@ -263,3 +264,165 @@ def test_vdm_categorical_decoder_is_a_distribution():
         (2 * k / 255 - 1)[:, None], torch.full((levels, 1), 0.5, dtype=torch.float64), -3.0, levels, centres="grid"
     )
     assert int(g.argmax()) == round(1.5 * 255 / 2)
+
+
+# ---------------------------------------------------------------------------------------------- continuous conventions
+# ode_log_likelihood(convention=) and log_density(convention=) against exact answers on a single Gaussian, whose
+# probability-flow map, denoising error and prior KL are closed forms.
+from scoredensity import log_density, ode_log_likelihood  # noqa: E402
+from scoredensity.mixtures import GaussianMixture  # noqa: E402
+
+_MEAN = torch.tensor([[0.1, -0.2, 0.05]], dtype=torch.float64)
+_EVALS = torch.tensor([0.09, 0.04, 0.16], dtype=torch.float64)
+_Q = torch.linalg.qr(torch.tensor([[1.0, 0.3, -0.2], [0.1, 1.0, 0.4], [-0.3, 0.2, 1.0]], dtype=torch.float64))[0]
+GAUSS = GaussianMixture(_MEAN, (_Q @ torch.diag(_EVALS) @ _Q.T)[None], torch.ones(1, dtype=torch.float64))
+
+
+def _sigmoid(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
+
+
+def _ode_model_logp_gauss(x: torch.Tensor, lam_min: float, lam_max: float) -> torch.Tensor:
+    """Exact log-density of the probability-flow ODE model of N(m, S) with the prior N(0, I) at lam_min and the data
+    at lam_max: the flow is the affine map of q_lam_max = N(a m, a^2 S + t I) onto q_lam_min, coordinate-wise in
+    S's eigenbasis, so log p = log N(T(x); 0, I) + log |det T'|."""
+    t_lo, t_hi = _sigmoid(-lam_min), _sigmoid(-lam_max)
+    a_lo, a_hi = math.sqrt(1 - t_lo), math.sqrt(1 - t_hi)
+    var_lo, var_hi = (1 - t_lo) * _EVALS + t_lo, (1 - t_hi) * _EVALS + t_hi
+    scale = (var_lo / var_hi).sqrt()
+    u = (x - a_hi * _MEAN) @ _Q  # eigen-coordinates of x - a_hi m
+    y = a_lo * _MEAN @ _Q + scale * u  # T(x) in the same (orthonormal) coordinates
+    return -0.5 * y.pow(2).sum(1) - 1.5 * math.log(2 * math.pi) + scale.log().sum()
+
+
+def test_score_sde_ode_reproduces_the_prior_at_s1_exactly():
+    x = GAUSS.sample(6, generator=torch.Generator().manual_seed(4))
+    conv = get_convention("score-sde")
+    r = ode_log_likelihood(GAUSS.eps, x, convention="score-sde", rtol=1e-9, atol=1e-9)
+    assert (r.info["lam_min"], r.info["lam_max"]) == conv.lam_range and r.info["convention"] == "score-sde"
+    lo, hi = conv.lam_range
+    want = _ode_model_logp_gauss(x, lo, hi)
+    assert (r.logp - want).abs().max().item() < 1e-5  # solver tolerance 1e-9 on an O(1) state
+    # the truncation is real: the convention's figure differs from log p_0 by far more than the solver error
+    assert (want - GAUSS.log_prob(x)).abs().max().item() > 1e-4
+    # an explicit end overrides the convention, and the name says so
+    r2 = ode_log_likelihood(GAUSS.eps, x, convention="score-sde", lam_min=-12.0, steps=64)
+    assert r2.info["lam_min"] == -12.0 and r2.info["lam_max"] == hi
+    assert r2.info["convention"] == "score-sde+lam_min=-12.0"
+
+
+def test_score_sde_formula_against_the_closed_form_truncated_formula():
+    x = GAUSS.sample(64, generator=torch.Generator().manual_seed(5))
+    lo, hi = get_convention("score-sde").lam_range
+    r = log_density(GAUSS.eps, x, convention="score-sde", n_t=32, seed=1)
+    assert (r.info["lam_min"], r.info["lam_max"], r.info["decoder"]) == (lo, hi, "gaussian")
+    from scoredensity.formula import integrate_expected_error
+
+    exact = integrate_expected_error(GAUSS.expected_denoising_error, x, lam_min=lo, lam_max=hi).logp
+    err = r.logp - exact
+    se_mean = r.stderr.pow(2).sum().sqrt().item() / len(x)
+    assert abs(err.mean().item()) < 4 * se_mean + 1e-9
+    assert err.pow(2).sum().item() / r.stderr.pow(2).sum().item() < 3.0  # the stated errors are not too small
+
+
+def _vdm_data(n: int, seed: int) -> torch.Tensor:
+    """A Gaussian rounded to VDM's 256 centres 2(k + 1/2)/256 - 1."""
+    x = GAUSS.sample(n, generator=torch.Generator().manual_seed(seed))
+    k = ((x + 1) * 128 - 0.5).round().clamp(0, 255)
+    return 2 * (k + 0.5) / 256 - 1
+
+
+def _vdm_recon_by_hand(x: torch.Tensor, lam_max: float, moments: bool = False):
+    """``E_eps0 log p(x | z_0)`` [B] of VDM's decoder by Gauss-Hermite quadrature per dimension:
+    ``log softmax_k(-(x + s e - c_k)^2 / (2 s^2))`` at the datum's level, ``s = e^{-lam_max/2}``. With ``moments``
+    also its variance over ``eps0`` [B] (the dimensions are independent: the sum of theirs)."""
+    s = math.exp(-lam_max / 2)
+    e, w_e = np.polynomial.hermite_e.hermegauss(60)  # weight e^{-e^2/2}: normalise by sqrt(2 pi)
+    c = torch.tensor(2 * (np.arange(256) + 0.5) / 256 - 1, dtype=torch.float64)
+    k = ((x + 1) * 128 - 0.5).round().long()
+    m1 = torch.zeros_like(x)
+    m2 = torch.zeros_like(x)
+    for ej, wj in zip(e, w_e, strict=True):
+        logits = -0.5 * (((x + s * float(ej))[..., None] - c) / s) ** 2  # [B, d, 256]
+        logp = logits.gather(2, k[..., None])[..., 0] - torch.logsumexp(logits, 2)
+        m1 += float(wj) / math.sqrt(2 * math.pi) * logp
+        m2 += float(wj) / math.sqrt(2 * math.pi) * logp**2
+    if moments:
+        return m1.sum(1), (m2 - m1**2).sum(1)
+    return m1.sum(1)
+
+
+def _vdm_elbo_by_hand(x: torch.Tensor, lam_min: float, lam_max: float) -> torch.Tensor:
+    """VDM's ELBO of N(m, S)'s exact eps, term by term (Kingma et al. 2021, eq. 11 and appendix):
+    -KL(q(z_1 | x) || N(0, I)) - 1/2 ∫ E||eps - eps_hat||^2 dlam + E_eps0 log p(x | z_0)."""
+    d = x.shape[1]
+    t1 = _sigmoid(-lam_min)
+    kl = 0.5 * ((1 - t1) * x.pow(2).sum(1) + d * t1 - d - d * math.log(t1))
+    nodes, weights = np.polynomial.legendre.leggauss(40)
+    diffusion = torch.zeros(x.shape[0], dtype=torch.float64)
+    edges = np.linspace(lam_min, lam_max, 37)
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        for u, w in zip(nodes, weights, strict=True):
+            t = torch.full((x.shape[0],), _sigmoid(-(0.5 * (a + b) + 0.5 * (b - a) * u)), dtype=torch.float64)
+            diffusion += 0.5 * (b - a) * w * 0.5 * GAUSS.expected_denoising_error(x, t)
+    return -kl - diffusion + _vdm_recon_by_hand(x, lam_max)
+
+
+def test_vdm_formula_with_categorical_decoder_against_the_paper_by_hand():
+    x = _vdm_data(48, 6)
+    conv = get_convention("vdm")
+    r = log_density(GAUSS.eps, x, convention="vdm", n_t=32, seed=2, decoder_draws=8, importance="uniform")
+    assert (r.info["lam_min"], r.info["lam_max"]) == conv.lam_range
+    assert (r.info["decoder"], r.info["levels"], r.info["convention"]) == ("categorical", 256, "vdm")
+    assert r.nfe == 32  # no pilot; the decoder reads the latent: no network call for the clean end
+    want = _vdm_elbo_by_hand(x, *conv.lam_range)
+    err = r.logp - want
+    se_mean = r.stderr.pow(2).sum().sqrt().item() / len(x)
+    assert abs(err.mean().item()) < 4 * se_mean, (err.mean().item(), se_mean)
+    assert err.pow(2).sum().item() / r.stderr.pow(2).sum().item() < 3.0
+    # the bound is below log P(k) of the discretised Gaussian, which is about log q(x) + d log(2/256)
+    assert (r.logp < GAUSS.log_prob(x) + 3 * math.log(2 / 256) + 0.05).all()
+
+
+def test_categorical_clean_end_matches_quadrature_per_example():
+    # the clean end alone: 64 decoder draws against the Gauss-Hermite value, with the decoder's own standard
+    # error computed by quadrature too (the stated stderr also carries the integral's noise)
+    x = _vdm_data(32, 7)
+    hi = get_convention("vdm").lam_range[1]
+    r = log_density(GAUSS.eps, x, convention="vdm", n_t=4, seed=3, decoder_draws=64)
+    recon, var = _vdm_recon_by_hand(x, hi, moments=True)
+    clean_want = recon - 0.5 * 3 * (hi + math.log1p(math.exp(-hi)))  # the formula's split: minus (d/2) softplus
+    diff = r.terms["clean_end"] - clean_want
+    # a draw's log-probability is skewed (mostly ~0, rarely very negative), so per-example z-scores are heavy-tailed
+    # (max |z| up to 5 over 12 seeds); their sum over 32 examples is close to normal, and E z^2 = 1 exactly
+    assert abs(diff.sum().item()) < 4 * (var.sum() / 64).sqrt().item()
+    assert (diff.pow(2) / (var / 64)).mean().item() < 4.0
+
+
+def test_convention_errors_are_one_line_and_name_the_choice():
+    x2 = GAUSS.sample(4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="discrete-time.*ddpm_elbo"):
+        log_density(GAUSS.eps, x2, convention="ddpm")
+    with pytest.raises(ValueError, match="not an ODE likelihood"):
+        ode_log_likelihood(GAUSS.eps, x2, convention="vdm")
+    with pytest.raises(ValueError, match="not an ODE likelihood"):
+        ode_log_likelihood(GAUSS.eps, x2, convention="improved-diffusion")
+    with pytest.raises(ValueError, match=r"VDM's grid.*2\(k \+ 1/2\)/L - 1"):
+        log_density(GAUSS.eps, x2.clamp(-1, 1), convention="vdm", n_t=2)
+    with pytest.raises(ValueError, match="unknown convention"):
+        log_density(GAUSS.eps, x2, convention="vdn")
+    r = log_density(GAUSS.eps, _vdm_data(4, 1), convention="vdm", lam_min=-6.0, n_t=4)
+    assert r.info["convention"] == "vdm+lam_min=-6.0" and r.info["lam_min"] == -6.0
+    assert log_density(GAUSS.eps, x2, n_t=4).info["convention"] is None
+
+
+def test_scoredensity_convention_is_the_library_default_with_its_decoder():
+    k = torch.randint(0, 256, (4, 3), generator=torch.Generator().manual_seed(0)).double()
+    x = 2 * k / 255 - 1  # the library's 8-bit grid
+    r = log_density(GAUSS.eps, x, convention="scoredensity", n_t=4)
+    assert (r.info["decoder"], r.info["levels"], r.info["convention"]) == ("discretized", 256, "scoredensity")
+    assert (r.info["lam_min"], r.info["lam_max"]) == (-20.0, 20.0)  # the model's range (none here): the default
+    o = ode_log_likelihood(GAUSS.eps, x[:1], convention="scoredensity", steps=4)
+    assert (o.info["lam_min"], o.info["lam_max"], o.info["convention"]) == (-20.0, 20.0, "scoredensity")
+    with pytest.raises(ValueError, match="not on the grid of 256 levels"):
+        log_density(GAUSS.eps, x + 1e-3, convention="scoredensity", n_t=4)

@@ -244,13 +244,6 @@ def test_control_variate_auto_means_the_same_for_formula_and_elbo():
         resolve_control_variate("magic", x)
 
 
-def test_example_generator_is_deprecated():
-    from scoredensity.formula import example_generator
-
-    with pytest.warns(DeprecationWarning, match="rng"):
-        example_generator(0, 1, 2)
-
-
 # ---------------------------------------------------------------------------------------- precision
 def _trained_ring8_mlp(steps: int = 200) -> torch.nn.Module:
     """A small MLPDenoiser trained for ``steps`` steps of the likelihood-weighted loss on ring8 (a few seconds)."""

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .ddpm import reverse_variances  # the one definition of the DDPM reverse / posterior variances
+from .epsfn import DEFAULT_LAM_RANGE
 from .schedules import DDPMSchedule, VPLinearClock, alpha_sigma_from_logsnr, logsnr_from_t
 
 __all__ = [
@@ -553,6 +554,21 @@ class DiffusersEps(nn.Module):
     def t_range(self) -> tuple[float, float]:
         """Trained range ``(t_1, t_T)`` in canonical time (``t_T = 1`` for zero terminal SNR)."""
         return float(self.times[0]), float(self.times[-1])
+
+    @property
+    def lam_range(self) -> tuple[float, float]:
+        """Trained log-SNR range ``(lam(t_T), lam(t_1))``, the grid ends, as Python floats.
+
+        Every estimator takes it as its default ``lam_min``/``lam_max``
+        (:func:`~scoredensity.epsfn.resolve_lam_range`), so ``log_density(model, x)`` evaluates the network only
+        where it was trained instead of raising on [-20, 20]. With zero terminal SNR (``t_T = 1``, log-SNR
+        ``-inf``) every lower log-SNR is trained, and the lower end is the library's default,
+        ``DEFAULT_LAM_RANGE[0]``.
+        """
+        t_min, t_max = self.t_range
+        lam_hi = math.log1p(-t_min) - math.log(t_min)
+        lam_lo = DEFAULT_LAM_RANGE[0] if t_max >= 1.0 else math.log1p(-t_max) - math.log(t_max)
+        return lam_lo, lam_hi
 
     def step_of_t(self, t: Tensor) -> Tensor:
         """Fractional 0-based timestep [B] float64 of canonical ``t`` [B]: the schedule's one map

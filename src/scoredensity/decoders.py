@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -43,13 +42,16 @@ def prior_kl(x: Tensor, log_t: Tensor | float, log_one_minus_t: Tensor | float) 
     """
     xf = x.flatten(1).to(torch.float64)
     d = xf.shape[1]
-    a2 = torch.exp(torch.as_tensor(log_one_minus_t, dtype=torch.float64, device=xf.device))
-    log_t = torch.as_tensor(log_t, dtype=torch.float64, device=xf.device)
+    if isinstance(log_one_minus_t, Tensor) or isinstance(log_t, Tensor):
+        a2 = torch.exp(torch.as_tensor(log_one_minus_t, dtype=torch.float64, device=xf.device))
+        log_t = torch.as_tensor(log_t, dtype=torch.float64, device=xf.device)
+    else:  # Python floats: no tensor to copy to the device
+        a2 = math.exp(log_one_minus_t)
     return 0.5 * (a2 * xf.pow(2).sum(1) - d * a2 - d * log_t)
 
 
 def end_terms(x: Tensor, lam_min: float, lam_max: float) -> tuple[Tensor, Tensor]:
-    """Exact end terms of the truncated formula, per example (float64, on ``x``'s device).
+    """Exact end terms of the truncated formula, per example (float64, on ``x``'s device: no CPU tensor is made).
 
     Args:
         x: [B, *shape] data.
@@ -60,13 +62,17 @@ def end_terms(x: Tensor, lam_min: float, lam_max: float) -> tuple[Tensor, Tensor
         ``clean_end = -(d/2) log(2 pi e) - (d/2) softplus(-lam_max)`` (see :mod:`scoredensity.formula`).
     """
     d = x[0].numel()
-    lo = torch.tensor(lam_min, dtype=torch.float64)
-    hi = torch.tensor(lam_max, dtype=torch.float64)
-    # t_max = sigmoid(-lam_min): log t = logsigmoid(-lam), log(1 - t) = logsigmoid(lam)
-    kl = prior_kl(x, F.logsigmoid(-lo), F.logsigmoid(lo))
-    noisy = -kl + 0.5 * d * float(F.softplus(lo))
-    clean = torch.full_like(noisy, -0.5 * d * (LOG_2PI_E + float(F.softplus(-hi))))
+    lam_min, lam_max = float(lam_min), float(lam_max)
+    # t_max = sigmoid(-lam_min): log t = logsigmoid(-lam) = -softplus(lam), log(1 - t) = -softplus(-lam)
+    kl = prior_kl(x, -_softplus(lam_min), -_softplus(-lam_min))
+    noisy = -kl + 0.5 * d * _softplus(lam_min)
+    clean = torch.full_like(noisy, -0.5 * d * (LOG_2PI_E + _softplus(-lam_max)))
     return noisy, clean
+
+
+def _softplus(v: float) -> float:
+    """``log(1 + e^v)`` of a Python float, stable for large ``|v|``."""
+    return max(v, 0.0) + math.log1p(math.exp(-abs(v)))
 
 
 def _log_diff_ndtr(hi: Tensor, lo: Tensor) -> Tensor:

@@ -9,7 +9,9 @@ the plug-in reverse SDE (seed 001). We integrate over ``[lam_min, lam_max]`` and
 exact terms of Variational Diffusion Models (Kingma et al. 2021):
 
 * noisy end: ``-KL(q(x_{t_max} | x) || N(0, I))`` with ``t_max = sigmoid(-lam_min)``;
-* clean end: the Gaussian reconstruction term ``-(d/2) log(2 pi e t_min / (1 - t_min))``, ``t_min = sigmoid(-lam_max)``;
+* clean end: the Gaussian reconstruction term ``-(d/2) log(2 pi e t_min / (1 - t_min))``, ``t_min = sigmoid(-lam_max)``
+  (``decoder="gaussian"``), or a decoder of discrete data: DDPM's discretised Gaussian (``"discretized"``) or
+  VDM's categorical Gaussian (``"categorical"``);
 * in between: ``-1/2 ∫ E ||z - eps||^2 dlam`` (the likelihood-weighted denoising loss).
 
 Their sum is a lower bound for any ``eps`` (decoder + reverse SDE + prior model) and tends to ``log p_0``
@@ -29,9 +31,7 @@ number of examples. Results come back on the CPU.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,7 +42,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import rng
-from .decoders import discretized_gaussian_log_likelihood, end_terms
+from .conventions import Convention, get_convention
+from .decoders import categorical_gaussian_log_likelihood, discretized_gaussian_log_likelihood, end_terms
 from .epsfn import (
     DEFAULT_LAM_RANGE,
     EpsFn,
@@ -60,6 +61,7 @@ from .mixtures import GaussianMixture, StandardNormal
 from .proposals import LambdaProposal
 
 __all__ = [
+    "DECODERS",
     "log_density",
     "fit_proposal",
     "resolve_control_variate",
@@ -189,17 +191,6 @@ def stratified_mean_and_var(pairs: Tensor) -> tuple[Tensor, Tensor]:
     return pairs.mean(2).mean(1), ((pairs[:, :, 0] - pairs[:, :, 1]) ** 2 / 4).sum(1) / strata**2
 
 
-def example_generator(seed: int, index: int, stream: int) -> torch.Generator:
-    """Deprecated: a per-example CPU ``torch.Generator``; draw through :mod:`scoredensity.rng` instead.
-
-    Kept for one release for the modules that still import it; the estimators no longer use it."""
-    warnings.warn(
-        "formula.example_generator is deprecated; draw through scoredensity.rng", DeprecationWarning, stacklevel=2
-    )
-    h = hashlib.blake2b(f"{seed}/{index}/{stream}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
-
-
 def resolve_control_variate(control_variate, x: Tensor) -> Reference | None:
     """The reference model with closed-form ``eps`` that an estimator subtracts (and adds back exactly).
 
@@ -301,28 +292,70 @@ class _Evaluator:
         return out
 
 
-def _check_on_grid(x: Tensor, levels: int | None, rows_per_block: int) -> None:
-    """Data for a discretised decoder must lie on the grid ``2k/(L-1) - 1`` in [-1, 1] (checked in blocks)."""
+def _check_on_grid(x: Tensor, levels: int | None, rows_per_block: int, decoder: str = "discretized") -> None:
+    """Data for a discrete decoder must lie on its grid in [-1, 1] (checked in blocks): ``2k/(L-1) - 1`` for
+    ``"discretized"``, VDM's centres ``2(k + 1/2)/L - 1`` for ``"categorical"``."""
     if levels is None:
-        raise ValueError("decoder='discretized' needs levels >= 2 (e.g. 256 for 8-bit data)")
+        raise ValueError(f"decoder={decoder!r} needs levels >= 2 (e.g. 256 for 8-bit data)")
     levels = check_int("levels", levels, 2)
     bad: list[int] = []
     lo, hi = math.inf, -math.inf
     for sl in row_blocks(x.shape[0], rows_per_block):
         xf = x[sl].flatten(1).to(device=work_device(x), dtype=torch.float64)
         lo, hi = min(lo, float(xf.min())), max(hi, float(xf.max()))
-        k = (xf + 1) * (levels - 1) / 2
+        k = (xf + 1) * (levels - 1) / 2 if decoder == "discretized" else (xf + 1) * levels / 2 - 0.5
         off = (k - k.round()).abs().amax(1)
         bad += (sl.start + (off > 1e-3).nonzero().flatten()).tolist()[: 10 - len(bad)]
     if lo < -1 - 1e-6 or hi > 1 + 1e-6:
-        raise ValueError(
-            f"data out of range for a discretised decoder: values in [{lo:.4g}, {hi:.4g}], expected [-1, 1]"
-        )
-    if bad:
+        raise ValueError(f"data out of range for decoder={decoder!r}: values in [{lo:.4g}, {hi:.4g}], expected [-1, 1]")
+    if bad and decoder == "discretized":
         raise ValueError(
             f"rows {bad} are not on the grid of {levels} levels 2k/(L-1) - 1 (dequantised data? "
             "use decoder='gaussian' for those)"
         )
+    if bad:
+        raise ValueError(
+            f"rows {bad} are not on VDM's grid of {levels} levels 2(k + 1/2)/L - 1 that decoder='categorical' "
+            "(convention 'vdm') scores: encode level k as 2(k + 1/2)/L - 1, not 2k/(L-1) - 1"
+        )
+
+
+DECODERS = ("gaussian", "discretized", "categorical")
+
+
+def _apply_convention(convention: str | Convention | None, o: dict) -> str | None:
+    """Fill the options of :func:`log_density` that the caller left as ``None`` from a named convention.
+
+    ``lam_min``/``lam_max`` from its ``lam_range`` (the prior sits at ``lam_min``), ``decoder`` and ``levels``
+    from its clean end. Explicit arguments win; the returned name then lists them (``"vdm+lam_min=-4"``).
+    Returns ``None`` without a convention.
+
+    Raises:
+        ValueError: for a discrete-time convention (``ddpm_elbo`` evaluates those) or a CDF other than exact.
+    """
+    if convention is None:
+        o["decoder"] = o["decoder"] or "gaussian"
+        return None
+    conv = get_convention(convention)
+    if conv.time != "continuous" and conv.name != "scoredensity":
+        raise ValueError(
+            f"convention {conv.name!r} is a discrete-time (T-step) bound: evaluate it with ddpm_elbo; log_density "
+            "takes the continuous ones: scoredensity, score-sde, vdm"
+        )
+    if conv.cdf != "exact":
+        raise ValueError(f"convention {conv.name!r}: log_density's discretised decoder uses the exact normal CDF only")
+    decoder = {"discretized": "discretized", "categorical": "categorical"}.get(conv.clean_end, "gaussian")
+    base = {
+        "lam_min": None if conv.lam_range is None else conv.lam_range[0],
+        "lam_max": None if conv.lam_range is None else conv.lam_range[1],
+        "decoder": decoder,
+        "levels": conv.levels if decoder != "gaussian" else None,
+    }
+    changed = {k: o[k] for k in base if o[k] is not None and o[k] != base[k]}
+    for k, v in base.items():
+        if o[k] is None:
+            o[k] = v
+    return conv.name + ("+" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) if changed else "")
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -360,11 +393,11 @@ def _check_options(eps_fn: EpsFn, x: Tensor, cond: Tensor | None, o: dict) -> _S
     seed = check_int("seed", o["seed"], minimum=-(1 << 63))
     if scheme == "stratified" and n_t % 2:
         raise ValueError("scheme='stratified' needs an even n_t (two draws per stratum for an honest stderr)")
-    if o["decoder"] not in ("gaussian", "discretized"):
-        raise ValueError(f"decoder must be 'gaussian' or 'discretized', got {o['decoder']!r}")
+    if o["decoder"] not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {o['decoder']!r}")
     decoder_draws = check_int("decoder_draws", o["decoder_draws"])
-    if o["decoder"] == "discretized":
-        _check_on_grid(x, o["levels"], max_batch)
+    if o["decoder"] != "gaussian":
+        _check_on_grid(x, o["levels"], max_batch, o["decoder"])
         if decoder_draws < 2:
             raise ValueError("decoder_draws must be >= 2 for a standard error")
     if o["antithetic"] and n_z % 2:
@@ -583,6 +616,36 @@ def _discretized_clean_end(evaluate: _Evaluator, x: Tensor, keys: Tensor, s: _Se
     return term, var
 
 
+def _categorical_clean_end(x: Tensor, keys: Tensor, s: _Settings, dev: torch.device) -> tuple[Tensor, Tensor]:
+    """Clean-end term with VDM's categorical decoder, and its variance, per example [B].
+
+    ``E_z log P_cat(k | z_0 / alpha_0) - (d/2) softplus(lam_max)`` with ``z_0 / alpha_0 = x + e^{-lam_max/2} z``
+    (VDM's ``z_0_rescaled``; the decoder reads the latent itself, no network call) and ``P_cat(k | m)``
+    proportional to ``N(m; c_k, e^{-lam_max})`` over the level centres ``c_k = 2(k + 1/2)/L - 1``
+    (:func:`~scoredensity.decoders.categorical_gaussian_log_likelihood`). The second part removes the share of
+    ``(d/2) sigmoid(lam)`` the integral term carries, as in :func:`_discretized_clean_end`, so that the total is
+    VDM's ``-KL_prior - diffusion loss - reconstruction loss``. The z are ``decoder_draws`` draws of stream
+    DECODER_NOISE per example; rows are blocked so that the [rows, d, L] logits stay below 2^25 numbers.
+    """
+    b, shape, d = x.shape[0], x.shape[1:], x[0].numel()
+    draws, levels = s.decoder_draws, int(s.levels)
+    log_sd = -0.5 * s.lam_max
+    sd = math.exp(log_sd)
+    soft = max(s.lam_max, 0.0) + math.log1p(math.exp(-abs(s.lam_max)))  # softplus(lam_max)
+    term = torch.empty(b, dtype=torch.float64, device=dev)
+    var = torch.empty(b, dtype=torch.float64, device=dev)
+    rows = max(1, min(s.max_batch // draws, (1 << 25) // (d * levels * draws)))
+    for sl in row_blocks(b, rows):
+        n = sl.stop - sl.start
+        z = rng.normals(s.seed, rng.Stream.DECODER_NOISE, keys[sl], (draws, *shape), device=dev)
+        rows_x = x[sl].to(device=dev, dtype=torch.float64).repeat_interleave(draws, 0)
+        mean = rows_x + sd * z.reshape(n * draws, *shape)
+        vals = categorical_gaussian_log_likelihood(rows_x, mean, log_sd, levels, centres="vdm").reshape(n, draws)
+        term[sl] = vals.mean(1) - 0.5 * d * soft
+        var[sl] = vals.var(1) / draws
+    return term, var
+
+
 def _cpu(v: Tensor) -> Tensor:
     """A normal (not inference-mode) CPU copy of a result tensor."""
     return v.detach().to("cpu").clone()
@@ -607,7 +670,7 @@ def log_density(
     chunk_size: int | None = None,
     pilot_examples: int = 64,
     pilot_nodes: int = 16,
-    decoder: str = "gaussian",
+    decoder: str | None = None,
     levels: int | None = None,
     decoder_draws: int = 4,
     example_ids: Tensor | None = None,
@@ -615,6 +678,7 @@ def log_density(
     progress: bool | None = None,
     precision: str = "fp32",
     max_batch: int | None = None,
+    convention: str | Convention | None = None,
 ) -> LogDensity:
     """Log-density of ``x`` under the model ``eps_fn`` by the score-based density formula (docs/design.md §2).
 
@@ -650,13 +714,18 @@ def log_density(
         double: hand ``x_t`` to ``eps_fn`` in float64 (else in x's dtype). ``t`` is always float64.
         chunk_size: deprecated alias of ``max_batch``.
         pilot_examples, pilot_nodes: size of the adaptive proposal's pilot.
-        decoder: the clean-end term. ``"gaussian"`` (default; continuous or dequantised data): the Gaussian
+        decoder: the clean-end term (``None``: the convention's, else ``"gaussian"``). ``"gaussian"`` (continuous
+            or dequantised data): the Gaussian
             reconstruction term of VDM, equal to the formula with ``eps = 0`` above ``lam_max``.
             ``"discretized"`` (data on ``levels`` levels scaled to [-1, 1], no dequantisation): the
             probability of the data's bin under ``N(x0_hat(x_{t_min}), t_min / (1 - t_min))`` discretised
             to the bins (DDPM's decoder), averaged over ``decoder_draws`` draws of z; then ``logp`` is a
             lower bound on ``log P(k)`` (a probability, nats) and carries no ``(d/2) log(2 pi e)``.
-        levels: number of levels ``L`` for the discretised decoder (grid ``2k/(L-1) - 1``).
+            ``"categorical"`` (VDM's decoder, data on the centres ``2(k + 1/2)/L - 1``): ``P(k | z_0)``
+            proportional to ``N(z_0 / alpha_0; c_k, e^{-lam_max})`` normalised over the ``levels`` centres, read
+            from the latent itself (no network call), averaged over ``decoder_draws`` draws; ``logp`` is then
+            VDM's ELBO of ``log P(k)``.
+        levels: number of levels ``L`` of a discrete decoder (``"discretized"``: grid ``2k/(L-1) - 1``).
         decoder_draws: draws of z for the discretised decoder (>= 2 gives its standard error).
         example_ids: [B] integer keys of the examples' random streams (default ``0..B-1``). Pass global
             indices when a data set is evaluated in batches or shards: with a fixed ``importance=`` proposal and
@@ -668,16 +737,28 @@ def log_density(
             integrand, end terms and sums stay in float64.
         max_batch: rows of ``x_t`` per ``eps_fn`` call (bounds memory); default from a memory budget,
             :func:`scoredensity.epsfn.default_max_batch`.
+        convention: a continuous :class:`~scoredensity.conventions.Convention` or its name. It fills the
+            options left as ``None``: ``lam_min``/``lam_max`` from its range (the prior KL sits at ``lam_min``),
+            ``decoder`` and ``levels`` from its clean end. ``"score-sde"``: the VP-SDE range
+            ``[lambda(s=1), lambda(s=1e-5)] = [-10.05, 13.8]`` with the Gaussian clean end (dequantised data; add
+            the convention's ``bits_offset`` of 7 to its bits/dim); ``"vdm"``: ``[-5, 13.3]`` with the
+            categorical decoder on 256 levels; ``"scoredensity"``: the model's range and the discretised decoder
+            on 256 levels. Explicit arguments override it, and ``info["convention"]`` then lists them
+            (``"vdm+lam_min=-6.0"``). Discrete-time conventions (``ddpm``, ``improved-diffusion``) raise: they
+            are :func:`scoredensity.ddpm_elbo`'s.
 
     Returns:
         :class:`LogDensity` on the CPU with ``logp`` and ``stderr`` [B] in nats, ``nfe`` per example and terms
-        ``noisy_end``, ``integral``, ``clean_end``; ``info`` records the range, precision and max_batch used.
+        ``noisy_end``, ``integral``, ``clean_end``; ``info`` records the range, precision and max_batch used, and
+        the convention's name (``None`` without one).
 
     Defaults were chosen by ``benchmarks/density_formula.py`` (see docs/benchmarks.md). Runs under
     ``torch.inference_mode()``: no autograd graph is kept, whatever the model.
     """
     x = check_data(x)
-    s = _check_options(eps_fn, x, cond, dict(locals()))
+    opts = dict(locals())
+    convention_name = _apply_convention(convention, opts)
+    s = _check_options(eps_fn, x, cond, opts)
     with torch.inference_mode():
         keys = rng.example_keys(example_ids, x.shape[0], work_device(x))
         gauss = resolve_control_variate(control_variate, x)
@@ -690,6 +771,9 @@ def log_density(
             clean, clean_var = _discretized_clean_end(evaluate, x, keys, s)
             var = var + clean_var
             nfe += s.decoder_draws
+        elif s.decoder == "categorical":
+            clean, clean_var = _categorical_clean_end(x, keys, s, evaluate.dev)
+            var = var + clean_var
     return LogDensity(
         logp=_cpu(noisy + integral + clean),
         stderr=_cpu(var.clamp_min(0).sqrt()),
@@ -712,5 +796,6 @@ def log_density(
             "levels": s.levels,
             "precision": s.precision,
             "max_batch": s.max_batch,
+            "convention": convention_name,
         },
     )
