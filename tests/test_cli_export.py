@@ -53,7 +53,7 @@ def test_trained_unet_run_exports_to_a_working_ddpm_pipeline(tmp_path, capsys):
     # the export says which step it took (an unfinished run's warning is tested on a killed run in
     # test_cli_run_models: the checkpoint, not an edited config.json, says how many steps were planned)
     assert "from step 3" in capsys.readouterr().out
-    assert (tmp_path / "pipe2" / "scheduler" / "scheduler_config.json").is_file()
+    assert (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").is_file()
 
 
 def test_mlp_run_does_not_export(tmp_path, capsys):
