@@ -80,7 +80,7 @@ from .config_schema import TRAIN_SCHEMA, ConfigError, check_run_config, check_se
 from .epsfn import PRECISIONS, autocast_context
 from .errors import DivergenceError, Interrupted
 from .losses import LAM_SAMPLINGS, WEIGHTINGS, LamSampler, dsm_loss, keyed_uniforms
-from .nets import build_denoiser, denoiser_config, eval_eps_fn
+from .nets import build_denoiser, denoiser_config
 from .rng import Stream
 from .runlock import LOCK_NAME, METRICS_NAME, RUN_FILES, RunLock, foreign_entries, remove_orphans
 
@@ -357,7 +357,6 @@ def _tensorboard(run_dir: Path):
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def evaluate_model(
     model: nn.Module,
     dataset,
@@ -373,41 +372,39 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Held-out negative log-likelihood of a denoiser by the density formula (a bound: the continuous ELBO).
 
+    Delegates to :func:`scoredensity.dataset_eval.evaluate_dataset` (streamed block by block to the model's device,
+    so memory does not grow with ``n``; one log-SNR proposal and one Gaussian control variate fitted on the first
+    examples; discrete data dequantised with keyed uniforms) and restores the model's training mode and
+    ``requires_grad`` flags afterwards. In an initialised process group every process must call it (the examples
+    are shared out and the figures gathered; every process returns them).
+
     Args:
-        model: denoiser (EMA weights, normally); called as an EpsFn.
+        model: denoiser (EMA weights, normally), called as ``model(x_t, t)``; computed where its parameters are.
         dataset: a :class:`~scoredensity.data.Dataset`.
         split: ``"test"`` or ``"train"``. n: the first ``n`` points of the split (default all).
-        n_t, n_z, lam_min, lam_max, seed: passed to :func:`scoredensity.formula.log_density` (adaptive
-            importance, stratified, Gaussian control variate); discrete data are dequantised with a generator
-            seeded by ``seed``.
+        n_t, n_z, lam_min, lam_max, seed: as in :func:`scoredensity.formula.log_density` (nodes and noise draws
+            per example, log-SNR range, key of every draw).
+        progress: progress bar on a terminal, else periodic plain lines on stderr.
 
     Returns:
         JSON-serialisable dict: ``method``, ``n``, ``nll`` (mean NLL in nats per example on the data scale,
         i.e. including the logit Jacobian), ``nll_stderr`` (standard error of that mean over the test points,
         estimator noise included), ``estimator_stderr`` (the estimator's own part), ``bpd`` and ``bpd_stderr``
-        (discrete data, dequantised density on the published scale; else None), ``nfe_per_example``,
-        ``true_nll`` / ``true_nll_stderr`` (exact, analytic mixtures only) and the paired ``gap`` = nll - true_nll
-        with ``gap_stderr``, plus the settings.
+        (discrete data, dequantised density on the published scale; else None), ``nfe_per_example`` (the shared
+        pilot included), ``true_nll`` / ``true_nll_stderr`` (exact, analytic mixtures only) and the paired ``gap`` =
+        nll - true_nll with ``gap_stderr``, plus the settings (see :func:`~scoredensity.dataset_eval.evaluate_dataset`
+        for the further keys).
     """
-    from .formula import log_density
+    from .dataset_eval import evaluate_dataset
 
-    if split not in ("test", "train"):
-        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-    xs = dataset.x_test if split == "test" else dataset.x_train
-    if n is not None:
-        if n < 2:
-            raise ValueError(f"n must be >= 2, got {n}")
-        xs = xs[:n]
-    g = torch.Generator().manual_seed(seed + 9_999_991)
-    x_model = dataset.to_model(xs, generator=g)
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    eps_fn = eval_eps_fn(model)
     try:
-        ld = log_density(
-            eps_fn,
-            x_model.to(device),
+        return evaluate_dataset(
+            model,
+            dataset,
+            split=split,
+            n=n,
             n_t=n_t,
             n_z=n_z,
             lam_min=lam_min,
@@ -419,46 +416,6 @@ def evaluate_model(
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
         model.train(was_training)
-    nll_model = -ld.logp.detach().cpu()
-    nll = nll_model - dataset.log_jacobian(x_model)
-    b = len(nll)
-    res: dict[str, Any] = {
-        "method": "formula",
-        "split": split,
-        "n": b,
-        "nll": float(nll.mean()),
-        "nll_stderr": float(nll.std() / math.sqrt(b)),
-        "estimator_stderr": ld.mean_stderr(),
-        "bpd": None,
-        "bpd_stderr": None,
-        "nfe_per_example": float(ld.nfe),
-        "true_nll": None,
-        "true_nll_stderr": None,
-        "gap": None,
-        "gap_stderr": None,
-        "kind": "continuous" if dataset.levels is None else "dequantised",
-        "units": "nats per example",
-        "dim": int(dataset.dim),
-        "lam_min": lam_min,
-        "lam_max": lam_max,
-        "n_t": n_t,
-        "n_z": n_z,
-        "seed": seed,
-    }
-    bpd = dataset.bits_per_dim(nll_model, x_model)
-    if bpd is not None:
-        res["bpd"] = float(bpd.mean())
-        res["bpd_stderr"] = float(bpd.std() / math.sqrt(b))
-    if dataset.mixture is not None:
-        true = -dataset.mixture.log_prob(x_model.to(torch.float64))
-        diff = nll - true
-        res.update(
-            true_nll=float(true.mean()),
-            true_nll_stderr=float(true.std() / math.sqrt(b)),
-            gap=float(diff.mean()),
-            gap_stderr=float(diff.std() / math.sqrt(b)),
-        )
-    return res
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -812,7 +769,7 @@ class _Trainer:
             seed=cfg.seed,
             step=step,
             index=gidx,
-            position=self.pos,
+            position=self.pos_dev,
             global_batch=cfg.batch_size,
         )
         loss = out.loss.sum() / cfg.batch_size
@@ -923,17 +880,17 @@ class _Trainer:
         last = step == cfg.steps
         if not ((cfg.eval_every and step % cfg.eval_every == 0) or (last and cfg.eval_final and cfg.eval_n > 0)):
             return
+        ev = evaluate_model(  # in every process: the examples are shared out, the figures gathered
+            self.ema,
+            self.dataset,
+            n=min(cfg.eval_n, len(self.dataset.x_test)),
+            n_t=cfg.eval_n_t,
+            n_z=cfg.eval_n_z,
+            lam_min=cfg.lam_min,
+            lam_max=cfg.lam_max,
+            seed=cfg.seed,
+        )
         if self.rank == 0:
-            ev = evaluate_model(
-                self.ema,
-                self.dataset,
-                n=min(cfg.eval_n, len(self.dataset.x_test)),
-                n_t=cfg.eval_n_t,
-                n_z=cfg.eval_n_z,
-                lam_min=cfg.lam_min,
-                lam_max=cfg.lam_max,
-                seed=cfg.seed,
-            )
             rec = {"step": step, "eval": ev}
             _write_metrics(self.metrics_path, rec)
             self.history.append(rec)
