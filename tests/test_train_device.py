@@ -151,3 +151,27 @@ def test_a_training_step_makes_no_tensor_off_the_data_device(trainer, monkeypatc
     assert all(p.device.type == "cpu" for p in tr.params + list(tr.ema.parameters()))
     assert any(not torch.equal(p, q) for p, q in zip(tr.params, before, strict=True))  # it did train
     assert int(tr.first_bad) == 0 and bool(torch.isfinite(rec["loss"]))
+
+
+def test_a_non_finite_step_between_checks_stops_at_the_next_check(tmp_path, monkeypatch):
+    """Steps are not checked one by one (that would wait for the device every step): a NaN loss at step 7 is
+    remembered on the device and raised at the checkpoint of step 10, naming step 7; the checkpoint of step 5 is
+    kept, with finite weights, and nothing was saved after it."""
+    from scoredensity.checkpoint import load_checkpoint
+
+    dsm_loss_ = T.dsm_loss
+
+    def nan_at_7(*args, **kwargs):
+        out = dsm_loss_(*args, **kwargs)
+        if kwargs["step"] == 7:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(T, "dsm_loss", nan_at_7)
+    cfg = T.TrainConfig(steps=20, batch_size=32, eval_n=0, device="cpu", checkpoint_every=5, log_every=100)
+    with pytest.raises(T.TrainingDiverged, match=r"diverged at step 7: .*found at step 10.*checkpoint \(step 5\)") as e:
+        T.train(tmp_path / "run", {"name": "ring8", "n": 400}, net=NET, config=cfg, progress=False)
+    assert e.value.step == 7 and e.value.checkpoint_step == 5
+    tensors, meta = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["step"] == 5
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())

@@ -111,7 +111,10 @@ class TrainingDiverged(DivergenceError):
     A :class:`~scoredensity.errors.DivergenceError` (and a ``RuntimeError``).
 
     Attributes:
-        step: the step at which it was detected. checkpoint_step: the step of the checkpoint kept (None: none yet).
+        step: the first step with a non-finite loss or gradient norm (they are checked at the logging interval and
+            before every evaluation and checkpoint, so it may lie a few steps before the check that found it), or
+            the step of that check when only the weights are non-finite. checkpoint_step: the step of the checkpoint
+            kept (None: none yet).
     """
 
     def __init__(self, message: str, step: int, checkpoint_step: int | None):
