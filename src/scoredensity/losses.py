@@ -104,22 +104,39 @@ class LamSampler:
         self.lam_min, self.lam_max = float(lam_min), float(lam_max)
         self.n_bins, self.floor, self.decay = int(n_bins), float(floor), float(decay)
         self.low_discrepancy = bool(low_discrepancy)
-        self.mean_sq = torch.zeros(self.n_bins, dtype=torch.float64, device="cpu")  # small: kept on the CPU
+        # small; on the CPU until :meth:`to` moves them to the training device (then no step needs the host)
+        self.mean_sq = torch.zeros(self.n_bins, dtype=torch.float64, device="cpu")
         self.seen = torch.zeros(self.n_bins, dtype=torch.float64, device="cpu")
         self._ddpm: DDPMSchedule | None = None
+        self._ddpm_times: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> LamSampler:
+        """Keep the adaptive statistics on ``device`` (the training data's), so that :meth:`sample` and
+        :meth:`update` run there without a host round trip. Returns ``self``."""
+        self.mean_sq = self.mean_sq.to(device)
+        self.seen = self.seen.to(device)
+        return self
 
     # -- the proposal
     def proposal(self) -> LambdaProposal:
         """The current piecewise-constant proposal (``adaptive``) or the uniform one."""
-        if self.kind != "adaptive" or not (self.seen > 0).any():
+        if self.kind != "adaptive":
             return LambdaProposal.uniform(self.lam_min, self.lam_max)
-        ms = torch.where(self.seen > 0, self.mean_sq, self.mean_sq[self.seen > 0].max())
+        masses, ok = self._adaptive_masses()
+        if not bool(ok):
+            return LambdaProposal.uniform(self.lam_min, self.lam_max)
+        return LambdaProposal(self.lam_min, self.lam_max, masses.cpu())
+
+    def _adaptive_masses(self) -> tuple[Tensor, Tensor]:
+        """``(masses [n_bins] float64, ok [] bool)`` of the adaptive proposal, on the statistics' device and with
+        no host round trip; ``ok`` is False (masses meaningless) while no bin has been seen or the statistics are
+        not finite (then the uniform proposal is used)."""
+        has = self.seen > 0
+        ms = torch.where(has, self.mean_sq, self.mean_sq.masked_fill(~has, -math.inf).max())
         padded = torch.cat([ms[:1], ms, ms[-1:]])
         rms = (0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]).sqrt()
-        if not torch.isfinite(rms).all() or rms.sum() <= 0:
-            return LambdaProposal.uniform(self.lam_min, self.lam_max)
-        masses = (1 - self.floor) * rms / rms.sum() + self.floor / self.n_bins
-        return LambdaProposal(self.lam_min, self.lam_max, masses)
+        ok = has.any() & torch.isfinite(rms).all() & (rms.sum() > 0)
+        return (1 - self.floor) * rms / rms.sum() + self.floor / self.n_bins, ok
 
     def sample(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Map uniforms ``u`` [B] to ``(lam [B], 1/q(lam) [B])`` (float64)."""
@@ -131,12 +148,32 @@ class LamSampler:
             return lam, (t_hi - t_lo) / (t * (1 - t))
         if self.kind == "ddpm":
             sched = self._ddpm = self._ddpm or DDPMSchedule()
+            if self._ddpm_times is None or self._ddpm_times.device != u.device:
+                self._ddpm_times = sched.times.to(u.device)  # once per device, not every step
             k = (u * sched.num_steps).floor().long().clamp(0, sched.num_steps - 1)
-            t = sched.times.to(u.device)[k]
+            t = self._ddpm_times[k]
             return torch.log1p(-t) - torch.log(t), torch.ones_like(t)  # weights unused by L_simple
-        prop = self.proposal()
-        lam = prop.icdf(u)
-        return lam, 1.0 / prop.pdf(lam)
+        # uniform: LambdaProposal.uniform's icdf and pdf, written out (the same bits, no host tensor)
+        width = self.lam_max - self.lam_min
+        lam_u = self.lam_min + u * width
+        inv_q_u = 1.0 / torch.full_like(u, 1.0 / width)
+        if self.kind != "adaptive":
+            return lam_u, inv_q_u
+        # adaptive: LambdaProposal's icdf and pdf on u's device; the uniform draw where the statistics are not
+        # usable yet, chosen on the device (both are computed: B numbers, cheaper than a synchronisation)
+        masses, ok = self._adaptive_masses()
+        masses = masses.to(u.device)
+        m = masses / masses.sum()  # LambdaProposal normalises its masses
+        cdf = torch.cat([m.new_zeros(1), torch.cumsum(m, 0)])
+        cdf[-1] = 1.0
+        idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp(1, self.n_bins) - 1
+        frac = ((u - cdf[idx]) / m[idx]).clamp(0.0, 1.0)
+        bin_w = width / self.n_bins
+        lam_a = self.lam_min + (idx.to(torch.float64) + frac) * bin_w
+        j = ((lam_a - self.lam_min) / bin_w).floor().long().clamp(0, self.n_bins - 1)
+        inv_q_a = 1.0 / (m[j] / bin_w)
+        ok = ok.to(u.device)
+        return torch.where(ok, lam_a, lam_u), torch.where(ok, inv_q_a, inv_q_u)
 
     # -- adaptive statistics
     def bin_stats(self, lam: Tensor, values: Tensor) -> Tensor:
@@ -150,7 +187,8 @@ class LamSampler:
         return torch.stack([sq, cnt])
 
     def update(self, stats: Tensor) -> None:
-        """Fold one step's summed :meth:`bin_stats` into the running per-bin mean squares."""
+        """Fold one step's summed :meth:`bin_stats` into the running per-bin mean squares (on the statistics'
+        device; all-zero stats, e.g. of a skipped step, change nothing)."""
         if self.kind != "adaptive":
             return
         stats = stats.to(device=self.mean_sq.device, dtype=torch.float64)
@@ -171,8 +209,9 @@ class LamSampler:
         """Restore :meth:`state_dict`."""
         if state["mean_sq"].shape != (self.n_bins,):
             raise ValueError("lam sampler state has the wrong number of bins")
-        self.mean_sq = state["mean_sq"].to(torch.float64).clone()
-        self.seen = state["seen"].to(torch.float64).clone()
+        dev = self.mean_sq.device
+        self.mean_sq = state["mean_sq"].to(dev, torch.float64).clone()
+        self.seen = state["seen"].to(dev, torch.float64).clone()
 
     def config(self) -> dict:
         """JSON-serialisable settings."""

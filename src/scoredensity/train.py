@@ -8,8 +8,14 @@ checkpoints and bit-for-bit resumption.
 
 Devices and precision. The network, its weights and the optimiser live on ``TrainConfig.device`` (``"cuda"`` when
 available, else ``"cpu"``; ``"cuda:N"`` and ``"mps"`` too); ``TrainConfig.precision`` autocasts the network's
-forward pass only (``"bf16"``, or ``"fp16"`` with a gradient scaler). The keyed noise, the loss and its sums are
-computed on the host in float32/float64 and are therefore the same bits on every device.
+forward pass only (``"bf16"``, or ``"fp16"`` with a gradient scaler). The batch, its keyed draws (dequantisation,
+label dropout, log-SNR, noise), the loss (float64) and the adaptive sampler's statistics live on the training device
+too (on MPS, which has no float64, on the host): the keyed draws are the same bits on every device. A step needs no
+host round trip: the scalar metrics are read at the logging interval, and non-finite losses, gradient norms and
+weights are checked there and before every evaluation and checkpoint (the first non-finite step is remembered on the
+device), so a diverged run still stops with its last good checkpoint. fp16 reads the gradient scaler's verdict every
+step, as the scaler itself does; a process group with more than one process reads the stop-signal flag every step;
+discrete data pay :meth:`~scoredensity.data.Dataset.to_model`'s range checks.
 
 Reproducibility. Three separate sources of randomness, none of them global state:
 
@@ -74,7 +80,7 @@ from .config_schema import TRAIN_SCHEMA, ConfigError, check_run_config, check_se
 from .epsfn import PRECISIONS, autocast_context
 from .errors import DivergenceError, Interrupted
 from .losses import LAM_SAMPLINGS, WEIGHTINGS, LamSampler, dsm_loss, keyed_uniforms
-from .nets import build_denoiser, denoiser_config, eval_eps_fn
+from .nets import build_denoiser, denoiser_config
 from .rng import Stream
 from .runlock import LOCK_NAME, METRICS_NAME, RUN_FILES, RunLock, foreign_entries, remove_orphans
 
@@ -105,7 +111,10 @@ class TrainingDiverged(DivergenceError):
     A :class:`~scoredensity.errors.DivergenceError` (and a ``RuntimeError``).
 
     Attributes:
-        step: the step at which it was detected. checkpoint_step: the step of the checkpoint kept (None: none yet).
+        step: the first step with a non-finite loss or gradient norm (they are checked at the logging interval and
+            before every evaluation and checkpoint, so it may lie a few steps before the check that found it), or
+            the step of that check when only the weights are non-finite. checkpoint_step: the step of the checkpoint
+            kept (None: none yet).
     """
 
     def __init__(self, message: str, step: int, checkpoint_step: int | None):
@@ -262,6 +271,10 @@ def data_std(dataset) -> float:
     return float(x.var(0).mean().clamp_min(1e-12).sqrt())
 
 
+_DEVICE_DATA_BYTES = 1 << 30
+"""Training sets up to this many bytes are copied to the training device once; larger ones move batch by batch."""
+
+
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate of (1-based) ``step``: linear warm-up, then cosine (or constant)."""
     warm = min(1.0, step / cfg.warmup) if cfg.warmup > 0 else 1.0
@@ -281,13 +294,29 @@ class _EpochOrder:
         self.n, self.batch, self.seed = n, batch, seed
         self.per_epoch = n // batch
         self._epoch, self._perm = -1, None
+        self._on: dict[torch.device, Tensor] = {}  # this epoch's permutation on other devices
 
-    def __call__(self, step: int) -> Tensor:
+    def __call__(self, step: int, device: torch.device | None = None) -> Tensor:
+        """Indices [batch] int64 of the examples of ``step``, on the CPU or on ``device`` (the permutation is
+        moved there once per epoch)."""
         epoch, j = divmod(step - 1, self.per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
             self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
-        return self._perm[j * self.batch : (j + 1) * self.batch]
+            self._on = {}
+        perm = self._perm
+        if device is not None and device.type != "cpu":
+            if device not in self._on:
+                self._on[device] = perm.to(device)
+            perm = self._on[device]
+        return perm[j * self.batch : (j + 1) * self.batch]
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; from pinned memory without waiting on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _write_metrics(path: Path, rec: dict) -> None:
@@ -331,7 +360,6 @@ def _tensorboard(run_dir: Path):
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def evaluate_model(
     model: nn.Module,
     dataset,
@@ -347,41 +375,39 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Held-out negative log-likelihood of a denoiser by the density formula (a bound: the continuous ELBO).
 
+    Delegates to :func:`scoredensity.dataset_eval.evaluate_dataset` (streamed block by block to the model's device,
+    so memory does not grow with ``n``; one log-SNR proposal and one Gaussian control variate fitted on the first
+    examples; discrete data dequantised with keyed uniforms) and restores the model's training mode and
+    ``requires_grad`` flags afterwards. In an initialised process group every process must call it (the examples
+    are shared out and the figures gathered; every process returns them).
+
     Args:
-        model: denoiser (EMA weights, normally); called as an EpsFn.
+        model: denoiser (EMA weights, normally), called as ``model(x_t, t)``; computed where its parameters are.
         dataset: a :class:`~scoredensity.data.Dataset`.
         split: ``"test"`` or ``"train"``. n: the first ``n`` points of the split (default all).
-        n_t, n_z, lam_min, lam_max, seed: passed to :func:`scoredensity.formula.log_density` (adaptive
-            importance, stratified, Gaussian control variate); discrete data are dequantised with a generator
-            seeded by ``seed``.
+        n_t, n_z, lam_min, lam_max, seed: as in :func:`scoredensity.formula.log_density` (nodes and noise draws
+            per example, log-SNR range, key of every draw).
+        progress: progress bar on a terminal, else periodic plain lines on stderr.
 
     Returns:
         JSON-serialisable dict: ``method``, ``n``, ``nll`` (mean NLL in nats per example on the data scale,
         i.e. including the logit Jacobian), ``nll_stderr`` (standard error of that mean over the test points,
         estimator noise included), ``estimator_stderr`` (the estimator's own part), ``bpd`` and ``bpd_stderr``
-        (discrete data, dequantised density on the published scale; else None), ``nfe_per_example``,
-        ``true_nll`` / ``true_nll_stderr`` (exact, analytic mixtures only) and the paired ``gap`` = nll - true_nll
-        with ``gap_stderr``, plus the settings.
+        (discrete data, dequantised density on the published scale; else None), ``nfe_per_example`` (the shared
+        pilot included), ``true_nll`` / ``true_nll_stderr`` (exact, analytic mixtures only) and the paired ``gap`` =
+        nll - true_nll with ``gap_stderr``, plus the settings (see :func:`~scoredensity.dataset_eval.evaluate_dataset`
+        for the further keys).
     """
-    from .formula import log_density
+    from .dataset_eval import evaluate_dataset
 
-    if split not in ("test", "train"):
-        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-    xs = dataset.x_test if split == "test" else dataset.x_train
-    if n is not None:
-        if n < 2:
-            raise ValueError(f"n must be >= 2, got {n}")
-        xs = xs[:n]
-    g = torch.Generator().manual_seed(seed + 9_999_991)
-    x_model = dataset.to_model(xs, generator=g)
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    eps_fn = eval_eps_fn(model)
     try:
-        ld = log_density(
-            eps_fn,
-            x_model.to(device),
+        return evaluate_dataset(
+            model,
+            dataset,
+            split=split,
+            n=n,
             n_t=n_t,
             n_z=n_z,
             lam_min=lam_min,
@@ -393,46 +419,6 @@ def evaluate_model(
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
         model.train(was_training)
-    nll_model = -ld.logp.detach().cpu()
-    nll = nll_model - dataset.log_jacobian(x_model)
-    b = len(nll)
-    res: dict[str, Any] = {
-        "method": "formula",
-        "split": split,
-        "n": b,
-        "nll": float(nll.mean()),
-        "nll_stderr": float(nll.std() / math.sqrt(b)),
-        "estimator_stderr": ld.mean_stderr(),
-        "bpd": None,
-        "bpd_stderr": None,
-        "nfe_per_example": float(ld.nfe),
-        "true_nll": None,
-        "true_nll_stderr": None,
-        "gap": None,
-        "gap_stderr": None,
-        "kind": "continuous" if dataset.levels is None else "dequantised",
-        "units": "nats per example",
-        "dim": int(dataset.dim),
-        "lam_min": lam_min,
-        "lam_max": lam_max,
-        "n_t": n_t,
-        "n_z": n_z,
-        "seed": seed,
-    }
-    bpd = dataset.bits_per_dim(nll_model, x_model)
-    if bpd is not None:
-        res["bpd"] = float(bpd.mean())
-        res["bpd_stderr"] = float(bpd.std() / math.sqrt(b))
-    if dataset.mixture is not None:
-        true = -dataset.mixture.log_prob(x_model.to(torch.float64))
-        diff = nll - true
-        res.update(
-            true_nll=float(true.mean()),
-            true_nll_stderr=float(true.std() / math.sqrt(b)),
-            gap=float(diff.mean()),
-            gap_stderr=float(diff.std() / math.sqrt(b)),
-        )
-    return res
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -597,12 +583,15 @@ class _Progress:
         if mode == "lines":
             print(f"train: starting at step {start} of {total}", file=sys.stderr, flush=True)
 
-    def update(self, step: int, loss: float) -> None:
-        """After ``step``, whose mean loss per example was ``loss``."""
-        self.loss_sum, self.loss_n = self.loss_sum + loss, self.loss_n + 1
+    def update(self, step: int, loss: float | Tensor) -> None:
+        """After ``step``, whose mean loss per example was ``loss`` (a number or a 0-d tensor on the training
+        device: it is read only when a line is printed)."""
         if self.bar is not None:
             self.bar.update(1)
             return
+        if self.mode != "lines":
+            return
+        self.loss_sum, self.loss_n = self.loss_sum + loss, self.loss_n + 1
         now = time.perf_counter()
         if self.mode == "lines" and (now - self.last >= PROGRESS_SECONDS or step == self.total):
             self.last = now
@@ -613,7 +602,7 @@ class _Progress:
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         eta_s = "?" if not math.isfinite(eta) else _hms(eta)
-        loss = "" if not self.loss_n else f", loss {self.loss_sum / self.loss_n:.4g}"  # mean since the last line
+        loss = "" if not self.loss_n else f", loss {float(self.loss_sum) / self.loss_n:.4g}"  # mean since last line
         return (
             f"train: step {step}/{self.total} ({100 * step / self.total:.0f}%){loss}, {rate:.1f} steps/s, ETA {eta_s}"
         )
@@ -657,6 +646,8 @@ class _Trainer:
         net_cfg = full_config["net"]
         torch.manual_seed(cfg.seed)
         self.model = build_denoiser(net_cfg).to(device)  # initialised on the CPU: the same weights on any device
+        # the batch, its draws and the loss: on the device (MPS has no float64: there on the host)
+        self.data_device = torch.device("cpu") if device.type == "mps" else device
         if self.world > 1:
             for p in self.model.parameters():
                 torch.distributed.broadcast(p.data, src=0)
@@ -666,10 +657,14 @@ class _Trainer:
         self.params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.sampler = LamSampler(cfg.lam_sampling, cfg.lam_min, cfg.lam_max, low_discrepancy=cfg.low_discrepancy)
+        self.sampler.to(self.data_device)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self.num_classes = int(net_cfg.get("num_classes", 0))
         self.order = _EpochOrder(len(dataset.x_train), cfg.batch_size, cfg.seed)
         self.pos = D.shard(cfg.batch_size)
+        self.pos_dev = self.pos.to(self.data_device)
+        self.x_dev, self.y_dev = self._data_on_device(dataset)
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=self.data_device)  # first non-finite step (0: none)
         self.start = 0
         self.saved_step: int | None = None
         self.signal: int | None = None  # set by the handler, in this process
@@ -711,10 +706,16 @@ class _Trainer:
     def draw_batch(self, step: int) -> tuple[Tensor, Tensor | None, Tensor]:
         """This process's share of the global batch of ``step``: model-space ``x`` [b, *shape] (keyed
         dequantisation), labels [b] with keyed dropout (conditional runs) and global example indices [b]."""
-        cfg, ds = self.cfg, self.dataset
-        batch = self.order(step)[self.pos]
-        gidx = (step - 1) * cfg.batch_size + self.pos  # global example index
-        xs = ds.x_train[batch]
+        cfg, ds, dev = self.cfg, self.dataset, self.data_device
+        gidx = (step - 1) * cfg.batch_size + self.pos_dev  # global example index, on the device
+        if self.x_dev is not None:  # the training set lives on the device
+            batch = self.order(step, dev)[self.pos_dev]
+            xs = self.x_dev[batch]
+            ys = None if self.y_dev is None else self.y_dev[batch]
+        else:  # too large: this batch's rows are copied (asynchronously from pinned memory on CUDA)
+            batch = self.order(step)[self.pos]
+            xs = _to_device(ds.x_train[batch], dev)
+            ys = None if ds.y_train is None or self.num_classes == 0 else _to_device(ds.y_train[batch], dev)
         if ds.levels is not None:
             u = keyed_uniforms(cfg.seed, step, gidx, ds.dim, stream=Stream.TRAIN_DEQUANT).reshape(xs.shape)
             x = ds.to_model(xs, u=u.clamp(max=1 - 2**-53))
@@ -722,13 +723,24 @@ class _Trainer:
             x = ds.to_model(xs)
         y = None
         if self.num_classes > 0:
-            y = ds.y_train[batch].clone()
             drop = keyed_uniforms(cfg.seed, step, gidx, 1, stream=Stream.TRAIN_LABEL_DROP)[:, 0] < cfg.label_dropout
-            y[drop] = self.num_classes
+            y = torch.where(drop, self.num_classes, ys)  # not y[drop] = ...: a boolean index waits for the device
         return x, y, gidx
 
+    def _data_on_device(self, dataset) -> tuple[Tensor | None, Tensor | None]:
+        """The training examples (and labels) on the data device: the dataset's own tensors on the CPU, a copy
+        made once when they fit in :data:`_DEVICE_DATA_BYTES`, else ``(None, None)`` (moved batch by batch)."""
+        x, y = dataset.x_train, dataset.y_train if self.num_classes > 0 else None
+        if self.data_device.type == "cpu":
+            return x, y
+        nbytes = x.numel() * x.element_size() + (0 if y is None else y.numel() * y.element_size())
+        if nbytes > _DEVICE_DATA_BYTES:
+            return None, None
+        return x.to(self.data_device), None if y is None else y.to(self.data_device)
+
     def _network(self, y: Tensor | None):
-        """The eps function of the loss: the network on the device, at the run's precision; in and out on the host."""
+        """The eps function of the loss: the network on the device, at the run's precision (in and out on the data
+        device: the same one except on MPS)."""
         model, dev, prec = self.model, self.device, self.cfg.precision
         y_dev = None if y is None else y.to(dev)
         t_dtype = torch.float32 if dev.type == "mps" else None  # MPS has no float64
@@ -743,8 +755,11 @@ class _Trainer:
     def optimiser_step(self, step: int, x: Tensor, y: Tensor | None, gidx: Tensor) -> dict[str, float]:
         """Loss, gradients summed over processes, clipping, AdamW, EMA and sampler update of one step.
 
+        The metrics come back as tensors on the data device (read at the logging interval); a non-finite loss or
+        gradient norm is remembered in ``self.first_bad`` and raised by :meth:`check_finite`.
+
         Raises:
-            TrainingDiverged: non-finite loss, gradients (fp32/bf16) or weights; nothing is updated or saved."""
+            TrainingDiverged: fp16 only: :data:`FP16_SKIP_LIMIT` consecutive steps skipped by the gradient scaler."""
         cfg, params = self.cfg, self.params
         lr = _lr_at(cfg, step)
         for gr in self.opt.param_groups:
@@ -757,7 +772,7 @@ class _Trainer:
             seed=cfg.seed,
             step=step,
             index=gidx,
-            position=self.pos,
+            position=self.pos_dev,
             global_batch=cfg.batch_size,
         )
         loss = out.loss.sum() / cfg.batch_size
@@ -767,43 +782,63 @@ class _Trainer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         stats = self.sampler.bin_stats(out.lam, out.integrand)
-        scal = torch.tensor(
-            [
-                float(out.loss.detach().sum()),
-                float(out.nll.sum()) if out.nll is not None else 0.0,
-                0.0 if self.signal is None else 1.0,
-            ],
-            dtype=torch.float64,
-        )
+        loss_sum = out.loss.detach().sum().to(torch.float64)
+        parts = [loss_sum, out.nll.sum() if out.nll is not None else torch.zeros_like(loss_sum)]
+        if self.world > 1:  # the stop flag travels with the sums (a fill, not a copy from the host)
+            parts.append(
+                torch.full((), 0.0 if self.signal is None else 1.0, dtype=torch.float64, device=loss_sum.device)
+            )
+        scal = torch.stack(parts)
         D.all_reduce_sum_([p.grad for p in params] + [stats, scal])
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         if cfg.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
-            gnorm = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))
-        finite = math.isfinite(float(scal[0])) and math.isfinite(gnorm)
-        if not finite and self.scaler is None:
-            raise self._diverged(step, f"non-finite loss {float(scal[0]) / cfg.batch_size} or gradient norm {gnorm}")
+            gnorm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
+        finite = torch.isfinite(scal[0]) & torch.isfinite(gnorm).to(scal.device)  # on the device: no wait
         if self.scaler is not None:
-            self.scaler.step(self.opt)  # skipped by the scaler when the gradients are not finite
+            self.scaler.step(self.opt)  # skipped by the scaler when the gradients are not finite (it reads that)
             self.scaler.update()
-            self.skipped = 0 if finite else self.skipped + 1
+            self.skipped = 0 if bool(finite) else self.skipped + 1
             if self.skipped >= FP16_SKIP_LIMIT:
                 raise self._diverged(step, f"{self.skipped} consecutive fp16 steps with non-finite gradients")
         else:
-            self.opt.step()
-        if not bool(torch.isfinite(torch.stack([p.detach().sum() for p in params]).sum())):
-            raise self._diverged(step, "non-finite weights after the optimiser step")
+            self.opt.step()  # a non-finite step is remembered below and stops the run at the next check
+            self.first_bad = torch.where(~finite & (self.first_bad == 0), step, self.first_bad)
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - decay)
-        if finite:
-            self.sampler.update(stats)
-        if scal[2] > 0:  # some process was signalled: all stop after this step, together
-            self.stop = self.signal if self.signal is not None else signal.SIGTERM
-        return {"loss": float(scal[0]), "nll": float(scal[1]), "lr": lr, "grad_norm": gnorm}
+        self.sampler.update(torch.where(finite, stats, 0.0))  # zero statistics leave the sampler as it was
+        if self.world > 1:
+            if bool(scal[2] > 0):  # some process was signalled: all stop after this step, together
+                self.stop = self.signal if self.signal is not None else signal.SIGTERM
+        elif self.signal is not None:
+            self.stop = self.signal
+        return {"loss": scal[0], "nll": scal[1], "lr": lr, "grad_norm": gnorm}
+
+    def check_finite(self, step: int) -> None:
+        """Raise :class:`TrainingDiverged` if a step since the last check had a non-finite loss or gradient norm, or
+        the weights are not finite (one read from the device). Called at the logging interval and before every
+        evaluation and checkpoint, in every process (the values are the same in all of them)."""
+        w_ok = torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all()
+        bad, w_ok = torch.stack([self.first_bad, w_ok.to(self.first_bad.device, torch.int64)]).tolist()
+        if bad:
+            raise self._diverged(int(bad), f"non-finite loss or gradient norm (found at step {step})")
+        if not w_ok:
+            raise self._diverged(step, "non-finite weights after the optimiser step")
+
+    def check_due(self, step: int) -> bool:
+        """Whether ``step`` logs, evaluates or checkpoints (then :meth:`check_finite` runs first)."""
+        cfg = self.cfg
+        return (
+            step % cfg.log_every == 0
+            or step % cfg.checkpoint_every == 0
+            or step == cfg.steps
+            or self.stop is not None
+            or bool(cfg.eval_every and step % cfg.eval_every == 0)
+        )
 
     def _diverged(self, step: int, what: str) -> TrainingDiverged:
         kept = (
@@ -818,22 +853,22 @@ class _Trainer:
     def metrics_window(self, step: int, rec: dict[str, float], progress: _Progress) -> None:
         """Accumulate the step's loss; every ``log_every`` steps write one metrics record (rank 0)."""
         cfg = self.cfg
-        self.win_loss += rec["loss"]
-        self.win_nll += rec["nll"]
+        self.win_loss = self.win_loss + rec["loss"]  # tensors on the device until the logging step
+        self.win_nll = self.win_nll + rec["nll"]
         self.win_n += cfg.batch_size
         if self.rank != 0 or not (step % cfg.log_every == 0 or step == cfg.steps):
             return
         dt = time.perf_counter() - self.win_t0
         out = {
             "step": step,
-            "loss": self.win_loss / self.win_n,
+            "loss": float(self.win_loss) / self.win_n,
             "lr": rec["lr"],
-            "grad_norm": rec["grad_norm"],
+            "grad_norm": float(rec["grad_norm"]),
             "examples_per_s": self.win_n / max(dt, 1e-9),
             "time": time.perf_counter() - self.t_start,
         }
         if cfg.weighting == "elbo":
-            out["train_nll_bound"] = self.win_nll / self.win_n
+            out["train_nll_bound"] = float(self.win_nll) / self.win_n
         _write_metrics(self.metrics_path, out)
         self.history.append(out)
         if self.tb is not None:
@@ -848,17 +883,17 @@ class _Trainer:
         last = step == cfg.steps
         if not ((cfg.eval_every and step % cfg.eval_every == 0) or (last and cfg.eval_final and cfg.eval_n > 0)):
             return
+        ev = evaluate_model(  # in every process: the examples are shared out, the figures gathered
+            self.ema,
+            self.dataset,
+            n=min(cfg.eval_n, len(self.dataset.x_test)),
+            n_t=cfg.eval_n_t,
+            n_z=cfg.eval_n_z,
+            lam_min=cfg.lam_min,
+            lam_max=cfg.lam_max,
+            seed=cfg.seed,
+        )
         if self.rank == 0:
-            ev = evaluate_model(
-                self.ema,
-                self.dataset,
-                n=min(cfg.eval_n, len(self.dataset.x_test)),
-                n_t=cfg.eval_n_t,
-                n_z=cfg.eval_n_z,
-                lam_min=cfg.lam_min,
-                lam_max=cfg.lam_max,
-                seed=cfg.seed,
-            )
             rec = {"step": step, "eval": ev}
             _write_metrics(self.metrics_path, rec)
             self.history.append(rec)
@@ -904,6 +939,8 @@ class _Trainer:
                 for step in range(self.start + 1, cfg.steps + 1):
                     x, y, gidx = self.draw_batch(step)
                     rec = self.optimiser_step(step, x, y, gidx)
+                    if self.check_due(step):
+                        self.check_finite(step)
                     self.metrics_window(step, rec, progress)
                     self.evaluate_if_due(step)
                     self.checkpoint_if_due(step, kill_at)
