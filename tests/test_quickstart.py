@@ -89,3 +89,22 @@ def test_readme_python_quickstart_runs_and_matches_the_exact_density():
     div = ns["div"]
     assert abs(div.mean() - exact[:50].mean().item()) < 4 * div.mean_stderr()
     assert ns["samples"].shape == (1000, 16) and torch.isfinite(ns["samples"]).all()
+
+
+def test_gan_and_certify_print_progress_lines_in_a_log(tmp_path, capsys):
+    # under pytest stderr is not a terminal: like train and demo, both commands say what they do and when done,
+    # and --json keeps stdout to one JSON object
+    import json
+
+    from scoredensity.cli import main
+
+    gan = ["gan", "--steps", "3", "--batch", "16", "--n-samples", "50", "--threads", "1", "--json"]
+    assert main([*gan, "--out", str(tmp_path / "g")]) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)
+    assert "gan: training 3 steps on ring8" in err and "gan: trained in" in err
+    cert = ["certify", "--n", "60", "--steps", "10", "--variances", "fixed_large", "--n-init", "1", "--threads", "1"]
+    assert main([*cert, "--json", "--out", str(tmp_path / "c")]) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)
+    assert "certify: 3 fits of K = 3 components to" in err and "certify: fits done in" in err
