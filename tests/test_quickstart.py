@@ -108,3 +108,20 @@ def test_gan_and_certify_print_progress_lines_in_a_log(tmp_path, capsys):
     out, err = capsys.readouterr()
     json.loads(out)
     assert "certify: 3 fits of K = 3 components to" in err and "certify: fits done in" in err
+
+
+def test_an_unfinished_run_is_reported_once_in_one_line(tmp_path):
+    # the CLI says "training did not finish" itself; the library's UnfinishedRunWarning (with its source line)
+    # used to be printed as well
+    from helpers import TINY_TRAIN_ARGS, run_module
+
+    from scoredensity.train import KILL_ENV
+
+    run = str(tmp_path / "run")
+    args = [*TINY_TRAIN_ARGS, "--n", "300", "--steps", "30", "--checkpoint-every", "10"]
+    r = run_module("scoredensity", "train", *args, "--out", run, env={KILL_ENV: "20", "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    r = run_module("scoredensity", "sample", run, "-n", "5", "--steps", "2", "--out", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("did not finish") == 1 and "UnfinishedRunWarning" not in r.stderr, r.stderr
+    assert "checkpoint at step 20 of 30" in r.stderr, r.stderr
