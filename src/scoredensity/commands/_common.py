@@ -234,12 +234,16 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
 def load_run_checked(run_dir: str | os.PathLike, **kw: Any):
     """:func:`scoredensity.checkpoint.load_run` whose failures on a crafted or damaged run folder are one
     :class:`InputFileError` naming the folder (instead of a ``KeyError``/``TypeError``/``AttributeError`` from
-    deep inside). File-system errors (permissions) pass through unchanged.
+    deep inside). File-system errors (permissions) pass through unchanged. The library's
+    :class:`~scoredensity.checkpoint.UnfinishedRunWarning` is silenced here: every command reports an unfinished
+    run itself, in one line, with :func:`warn_if_unfinished` (else the user read it twice, once with a source line).
 
     Returns:
         ``(model, config, dataset)`` as :func:`~scoredensity.checkpoint.load_run`.
     """
-    from ..checkpoint import load_run
+    import warnings
+
+    from ..checkpoint import UnfinishedRunWarning, load_run
 
     path = Path(run_dir)
     if not path.exists():
@@ -247,7 +251,9 @@ def load_run_checked(run_dir: str | os.PathLike, **kw: Any):
     if not path.is_dir():
         raise InputFileError(f"{path}: is a file, not a run folder")
     try:
-        return load_run(path, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnfinishedRunWarning)
+            return load_run(path, **kw)
     except (KeyError, TypeError, AttributeError, IndexError) as e:
         what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
         raise InputFileError(f"{path}: not a usable run folder (damaged or crafted config/checkpoint: {what})") from e

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from ._common import add_device_arguments, add_threads_argument, apply_threads, prepare_out_dir, resolve_device
 
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the experiment; print the table and verdict. Returns the exit code."""
 
     from ..apps.certify import certify_data, certify_mixture, plot_gap
+    from ..demo import ProgressLog
 
     device = resolve_device(args.device)
     apply_threads(args)
@@ -62,9 +64,21 @@ def run(args: argparse.Namespace) -> int:
     x_train, x_test = certify_data(args.data, args.n, args.seed)
     if k > len(x_train):
         raise ValueError(f"--k {k} exceeds the {len(x_train)} training points")
-    rep = certify_mixture(
-        x_train, x_test, k, steps=tuple(args.steps), variances=tuple(args.variances), n_init=args.n_init, seed=args.seed
-    )
+    log = ProgressLog("certify")  # plain lines when stderr is a log (not a terminal): start, every 10 s, done
+    t_start = time.perf_counter()
+    n_fits = 2 + len(args.steps) * len(args.variances)
+    log(f"{n_fits} fits of K = {k} components to {len(x_train)} points (EM, continuous ELBO, DDPM ELBO per T/variance)")
+    with log.every(lambda: f"fitting, {time.perf_counter() - t_start:.0f} s elapsed"):
+        rep = certify_mixture(
+            x_train,
+            x_test,
+            k,
+            steps=tuple(args.steps),
+            variances=tuple(args.variances),
+            n_init=args.n_init,
+            seed=args.seed,
+        )
+    log(f"fits done in {time.perf_counter() - t_start:.1f} s")
     png = out / "certify_gap.png"
     plot_gap(rep, png)
     summary = {

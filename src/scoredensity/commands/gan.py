@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from ._common import (
     add_device_arguments,
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..apps.gan import GANConfig, gan_metrics, train_gan
+    from ..demo import ProgressLog
     from ..mixtures import mixture_preset
     from ..plots import save_mode_coverage
 
@@ -87,19 +89,24 @@ def run(args: argparse.Namespace) -> int:
             model.to(device)
     elif args.device is not None and device.type != "cpu":
         print(f"note: the GAN's 2-D networks train on the CPU, not {device}", file=sys.stderr)
-    res = train_gan(
-        eps_fn=eps_fn,
-        preset=args.preset,
-        steps=args.steps,
-        batch=args.batch,
-        loss=args.loss,
-        lr=args.lr,
-        reg_coef=args.reg_coef,
-        reg_gradient=args.reg_gradient,
-        reg_weighting=args.reg_weighting,
-        seed=args.seed,
-        **device_kw,
-    )
+    log = ProgressLog("gan")  # plain lines when stderr is a log (not a terminal): start, every 10 s, done
+    t_start = time.perf_counter()
+    log(f"training {args.steps} steps on {args.preset} ({'plain GAN' if args.reg_coef == 0 else 'regularised'})")
+    with log.every(lambda: f"training, {time.perf_counter() - t_start:.0f} s elapsed"):
+        res = train_gan(
+            eps_fn=eps_fn,
+            preset=args.preset,
+            steps=args.steps,
+            batch=args.batch,
+            loss=args.loss,
+            lr=args.lr,
+            reg_coef=args.reg_coef,
+            reg_gradient=args.reg_gradient,
+            reg_weighting=args.reg_weighting,
+            seed=args.seed,
+            **device_kw,
+        )
+    log(f"trained in {res.seconds:.1f} s; sampling and metrics")
     samples = res.sample(args.n_samples, seed=args.seed + 1000).detach().cpu()
     metrics = gan_metrics(samples, mix)
     counts, radii = mode_counts(samples, mix)
