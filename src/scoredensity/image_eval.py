@@ -257,7 +257,8 @@ def _check_convention(convention, methods: Sequence[str], levels: int) -> Conven
     if conv.name != "scoredensity" and conv.time != "discrete":
         raise ValueError(
             f"convention {conv.name!r} ({conv.estimator}, {conv.clean_end} clean end) is not available in the image "
-            "evaluation; it has: ddpm, improved-diffusion (the DDPM bound) and scoredensity"
+            "evaluation; it has: ddpm, improved-diffusion (the DDPM bound) and scoredensity (for score-sde call "
+            "ode_log_likelihood(convention='score-sde'), for vdm log_density(convention='vdm') directly)"
         )
     formula = [m for m in methods if m.startswith("formula")]
     if conv.time == "discrete" and formula:
