@@ -1,4 +1,4 @@
-"""Plain GAN vs score-regularised GAN on the 2-D mode-collapse benchmarks (issue 8 §1; seed 000 §4.2).
+"""Plain GAN vs score-regularised GAN on the 2-D mode-collapse benchmarks (issue 8 §1; Li & Yan 2024, §4.2).
 
 Two parts:
 

@@ -43,7 +43,7 @@ def test_fixed_large_gap_shrinks_like_one_over_T():
 
 
 def test_fixed_small_gap_is_about_gamma_over_two_per_dimension():
-    # Theory (DESIGN.md §3): with sigma_k^2 = posterior variance the KL weights are b_k / (2 a_k t_{k-1}) instead
+    # Theory (docs/design.md §3): with sigma_k^2 = posterior variance the KL weights are b_k / (2 a_k t_{k-1}) instead
     # of b_k / (2 a_k t_k); with the exact eps this costs (gamma_Euler / 2) d ≈ 0.289 d nats more than fixed_large
     # as T -> inf. At finite T the clock is linear in t only for the first ~T/100 steps, so the excess is larger
     # and decreases towards the limit. Same seed: the two runs see the same z.

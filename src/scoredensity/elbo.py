@@ -1,11 +1,11 @@
-"""The continuous-time ELBO in divergence form (seed 001: Huang, Lim & Courville 2021, Theorem 3).
+"""The continuous-time ELBO in divergence form (Huang, Lim & Courville 2021, Theorem 3).
 
 For the plug-in reverse SDE of ``eps`` (the ``eta = 1`` member of the reverse-time family,
-:func:`scoredensity.mathutil.reverse_drift`), the bound of seed 001 reads, per unit of log-SNR,
+:func:`scoredensity.mathutil.reverse_drift`), the bound of Huang et al. (2021) reads, per unit of log-SNR,
 
     log p(x) >= E log N(x_1; 0, I) + ∫ E_{y ~ q(x_t | x)} [ -div b_1(y, lam) - ||eps(y, t)||^2 / 2 ] dlam,
 
-with ``b_1 = t y / 2 - sqrt(t) eps`` the reverse drift per unit of log-SNR (``a = g s`` of seed 001 becomes
+with ``b_1 = t y / 2 - sqrt(t) eps`` the reverse drift per unit of log-SNR (``a = g s`` of Huang et al. (2021) becomes
 ``-eps / sqrt(t)`` times ``g``, and ``dt = t (1-t) dlam`` turns its ``||a||^2 / 2`` into ``||eps||^2 / 2``).
 By Stein's identity ``E[z . eps] = sqrt(t) E[div eps]`` the integrand has the same expectation as the density
 formula's ``1/2 [d sigmoid(lam) - E ||z - eps||^2]``: the two are the same bound, estimated differently
@@ -148,7 +148,7 @@ def elbo(
     max_batch: int | None = None,
     progress: bool | None = None,
 ) -> LogDensity:
-    """Continuous-time ELBO of the plug-in reverse SDE in divergence form (seed 001), per example in nats.
+    """Continuous-time ELBO of the plug-in reverse SDE in divergence form (Huang et al. 2021), per example in nats.
 
     The same bound as :func:`scoredensity.formula.log_density` (equal to ``log p_0`` for the exact ``eps``, a
     lower bound on the reverse-SDE model's log-likelihood otherwise), written with the divergence of the

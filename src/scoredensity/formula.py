@@ -5,7 +5,7 @@ In log-SNR ``lam`` (``t = sigmoid(-lam)``) the formula reads
     log p_0(x) = -(d/2) log(2 pi e) + 1/2 ∫ [ d sigmoid(lam) - E_z || z - eps(x_t, t) ||^2 ] dlam.
 
 It is exact for the exact noise predictor ``eps*`` and, with a learned ``eps``, the continuous-time ELBO of
-the plug-in reverse SDE (seed 001). We integrate over ``[lam_min, lam_max]`` and close both ends with the
+the plug-in reverse SDE (Huang et al. 2021). We integrate over ``[lam_min, lam_max]`` and close both ends with the
 exact terms of Variational Diffusion Models (Kingma et al. 2021):
 
 * noisy end: ``-KL(q(x_{t_max} | x) || N(0, I))`` with ``t_max = sigmoid(-lam_min)``;

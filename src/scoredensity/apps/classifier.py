@@ -1,4 +1,4 @@
-"""The diffusion classifier (docs/design.md §4, seed 000 §4): ``argmax_y log p(x | y) + log p(y)`` with each
+"""The diffusion classifier (docs/design.md §4, Li & Yan 2024 §4): ``argmax_y log p(x | y) + log p(y)`` with each
 ``log p(x | y)`` from the density formula of a class-conditional denoiser.
 
 A class-conditional noise predictor is called as ``eps_fn(x_t [N, *shape], t [N] float64, y=labels [N])`` (the

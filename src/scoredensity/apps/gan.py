@@ -1,4 +1,4 @@
-"""Score-matching regularisation of GANs with the density formula (seed 000 §4.2; docs/design.md §4).
+"""Score-matching regularisation of GANs with the density formula (Li & Yan 2024, §4.2; docs/design.md §4).
 
 A fixed data denoiser ``eps`` (exact for the analytic mixtures, or a trained one) turns the cross-entropy of the
 generator's samples into a regulariser,

@@ -3,7 +3,7 @@
 Two kinds of data:
 
 * **continuous** (``levels is None``): ``x_*`` are float32 values used by the model as they are;
-* **discrete** (``levels = L``): ``x_*`` are int64 levels ``k = 0..L-1``. The data scale is DESIGN.md's
+* **discrete** (``levels = L``): ``x_*`` are int64 levels ``k = 0..L-1``. The data scale is docs/design.md's
   ``x = 2k/(L-1) - 1`` in [-1, 1]; :meth:`Dataset.to_model` dequantises uniformly,
   ``x = 2(k + u - 1/2)/(L-1) - 1`` with ``u ~ U[0, 1)`` (each bin has width ``2/(L-1)`` around its centre),
   and then applies the optional logit transform.
@@ -16,7 +16,7 @@ first mapped to [0, 1) as ``y = (k + u)/L`` (affine in ``x``: ``y = ((x + 1)(L -
 
 with ``-log y' - log(1 - y') = softplus(m) + softplus(-m)`` evaluated from ``m`` itself (stable). Then
 ``log p_data(x) = log p_model(m) + log_jacobian(m)`` on the [-1, 1] data scale, and bits per dimension of the
-integer data follow DESIGN.md §2: ``bpd = -log p_data / (d ln 2) + log2((L - 1)/2)``
+integer data follow docs/design.md §2: ``bpd = -log p_data / (d ln 2) + log2((L - 1)/2)``
 (:func:`scoredensity.logdensity.bits_per_dim`). For ``L = 256`` this equals sdeflow-light's
 ``-elbo/(d ln 2) + 8`` on its ``[0, 1]`` scale, i.e. the published scale.
 """
@@ -54,7 +54,7 @@ LOGIT_ALPHA = 0.05
 
 
 def levels_to_unit_scale(k: Tensor, levels: int, u: Tensor | float = 0.5) -> Tensor:
-    """Integer levels ``k`` in 0..L-1 to the [-1, 1] scale (DESIGN.md units): ``x = 2(k + u - 1/2)/(L-1) - 1``.
+    """Integer levels ``k`` in 0..L-1 to the [-1, 1] scale (docs/design.md units): ``x = 2(k + u - 1/2)/(L-1) - 1``.
 
     ``u = 1/2`` gives the bin centres ``2k/(L-1) - 1``; ``u ~ U[0, 1)`` is uniform dequantisation. float64.
     """

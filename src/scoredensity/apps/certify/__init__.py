@@ -1,4 +1,4 @@
-"""Certifying ELBO training (seed 000 §4.1, docs/design.md §3-§4): fit one family by denoising losses and by maximum
+"""Certifying ELBO training (Li & Yan 2024, §4.1; docs/design.md §4): fit one family by denoising losses and by maximum
 likelihood, and measure how far apart the fits land.
 
 Layout: :mod:`.objectives` (the denoising losses as fixed-draw objectives, the neural minibatch losses),
