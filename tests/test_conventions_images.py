@@ -84,3 +84,32 @@ def test_conventions_beyond_the_trained_range_or_with_other_methods_are_refused(
         evaluate_images(eps, images, convention="vdm", progress=False)
     with pytest.raises(ValueError, match="'ode-dequantized' only"):
         evaluate_images(eps, images, methods=("formula-dequantized",), convention="score-sde", progress=False)
+
+
+def test_ode_dequantized_without_a_convention_uses_the_library_grid_and_offset():
+    eps = DiffusersEps(tiny_unet(channels=1), WIDE)
+    images = _images()[:1]
+    res = evaluate_images(eps, images, methods=("ode-dequantized",), progress=False)
+    r = res["methods"]["ode-dequantized"]
+    assert res["convention"] is None and "convention" not in r
+    assert r["bpd_offset_dequantization"] == pytest.approx(math.log2(255 / 2))
+    u = rng.uniforms(0, rng.Stream.DEQUANT, torch.arange(1), D, step=0).reshape(images.shape)
+    x = (2 * (images.double() + u.double() - 0.5) / 255 - 1).float()
+    lam_min, lam_max = res["lam_range"]
+    direct = ode_log_likelihood(eps, x, lam_min=lam_min, lam_max=lam_max, seed=0, example_ids=torch.arange(1))
+    bpd = float(-direct.logp.mean()) / (D * math.log(2)) + math.log2(255 / 2)
+    assert r["bpd"] == pytest.approx(bpd, abs=1e-5)
+
+
+def test_cli_convention_vdm_picks_its_method_and_lists_its_choices(tmp_path, capsys):
+    import diffusers
+    import numpy as np
+    from test_evaluate_scale import _eval_cli
+
+    diffusers.DDPMPipeline(unet=tiny_unet(channels=1), scheduler=diffusers.DDPMScheduler(**WIDE)).save_pretrained(
+        tmp_path / "p"
+    )
+    np.save(tmp_path / "x.npy", _images()[:, 0].numpy().astype(np.uint8))
+    out = _eval_cli(capsys, "--diffusers", tmp_path / "p", "--images", tmp_path / "x.npy", "--convention", "vdm")
+    assert list(out["methods"]) == ["formula-discrete"] and out["convention"] == get_convention("vdm").as_dict()
+    assert out["methods"]["formula-discrete"]["convention"] == "vdm" and out["lam_range"] == [-5.0, 13.3]
