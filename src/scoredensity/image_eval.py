@@ -492,7 +492,8 @@ def evaluate_images(
         images: [N, C, H, W] integer levels in ``0..levels-1``.
         levels: ``L`` (256 for 8-bit images); the model sees ``x = 2k/(L-1) - 1``.
         t_range: ``(t_1, t_T)``, the trained range; the network is never called outside it.
-        methods: subset of ``formula-discrete``, ``formula-dequantized``, ``ddpm``.
+        methods: subset of ``formula-discrete``, ``formula-dequantized``, ``ddpm`` (the default) and
+            ``ode-dequantized`` (the probability-flow ODE on dequantised data, exact trace: opt-in, costly).
         schedule: the T-step grid for ``ddpm`` (default ``eps_fn.schedule``).
         variance: ``fixed_small`` / ``fixed_large`` / ``learned_range`` / ``learned`` for ``ddpm`` (default the
             model's ``variance_type``; the learned ones read the model's variance channels).
@@ -511,8 +512,12 @@ def evaluate_images(
             records already in it are not recomputed (resume), new ones are written as they are done.
         convention: a published convention (:mod:`scoredensity.conventions`) or its name: ``"ddpm"`` or
             ``"improved-diffusion"`` (the DDPM bound as published: decoder variance, clipping, CDF; method ``ddpm``
-            only; improved-diffusion keeps the model's own reverse variance, ``ddpm`` uses fixed_large), or
-            ``"scoredensity"``. The result names it and lists its choices; ``None``: the defaults above.
+            only; improved-diffusion keeps the model's own reverse variance, ``ddpm`` uses fixed_large),
+            ``"vdm"`` (method ``formula-discrete`` only: levels at ``2(k + 1/2)/256 - 1``, categorical decoder,
+            log-SNR [-5, 13.3], no offset), ``"score-sde"`` (method ``ode-dequantized`` only: ``2(k + u)/256 - 1``,
+            log-SNR [-10.05, 13.82], bits/dim + 7) or ``"scoredensity"``. vdm and score-sde are refused when
+            their log-SNR range exceeds the model's trained range (``eps_fn.lam_range``).
+            The result names it and lists its choices; ``None``: the defaults above.
         progress: a progress bar on a terminal, else periodic plain lines on stderr.
 
     Returns:
