@@ -169,8 +169,8 @@ def test_convention_is_applied_named_and_listed(tmp_path, capsys):
     assert own["convention"]["name"] == "scoredensity" and own["methods"]["ddpm"]["bpd"] != r["bpd"]
     with pytest.raises(ValueError, match="DDPM bound only"):
         evaluate_images(eps, images, convention="ddpm", progress=False)
-    with pytest.raises(ValueError, match="not available in the image evaluation"):
-        evaluate_images(eps, images, convention="score-sde", progress=False)
+    with pytest.raises(ValueError, match=r"log-SNR range \[-5, 13.3\].*trained range"):
+        evaluate_images(eps, images, methods=("formula-discrete",), convention="vdm", progress=False)
     with pytest.raises(ValueError, match="unknown convention"):
         evaluate_images(eps, images, convention="nope", progress=False)
     # the CLI: --convention picks the DDPM method and the JSON lists every choice

@@ -39,11 +39,14 @@ from .epsfn import PRECISIONS, EpsFn, check_int
 from .eval_store import ResultStore, evaluate_rounds, round_stats
 from .formula import fit_proposal, log_density
 from .logdensity import LogDensity
+from .ode import ode_log_likelihood
 from .schedules import DDPMSchedule, logsnr_from_t
 
 __all__ = [
     "evaluate_images",
     "IMAGE_METHODS",
+    "DEFAULT_IMAGE_METHODS",
+    "CONVENTION_METHODS",
     "ImageEvalSettings",
     "image_eval_settings",
     "vdm_terms",
@@ -54,7 +57,11 @@ __all__ = [
     "to_nchw",
 ]
 
-IMAGE_METHODS = ("formula-discrete", "formula-dequantized", "ddpm")
+IMAGE_METHODS = ("formula-discrete", "formula-dequantized", "ddpm", "ode-dequantized")
+DEFAULT_IMAGE_METHODS = ("formula-discrete", "formula-dequantized", "ddpm")
+"""The methods evaluated when none are named (the probability-flow ODE is opt-in: it costs far more)."""
+CONVENTION_METHODS = {"vdm": ("formula-discrete",), "score-sde": ("ode-dequantized",)}
+"""The image-evaluation method of each continuous published convention."""
 _T_MAX_CAP = 1 - 1e-9  # a zero-terminal-SNR grid ends at t = 1 (log-SNR -inf); stay just inside it
 _VALUES = ("logp", "stderr", "prior", "diffusion", "reconstruction", "nfe")  # the per-example record of one method
 _PILOT_EXAMPLES, _PILOT_NODES = 16, 8
@@ -167,7 +174,7 @@ def image_eval_settings(
     *,
     levels: int = 256,
     t_range: tuple[float, float] | None = None,
-    methods: Sequence[str] = IMAGE_METHODS,
+    methods: Sequence[str] = DEFAULT_IMAGE_METHODS,
     schedule: DDPMSchedule | None = None,
     variance: str | None = None,
     n_t: int = 32,
@@ -227,6 +234,8 @@ def image_eval_settings(
             )
     else:
         schedule, variance = None, None
+    if conv is not None and conv.lam_range is not None:
+        lam_min, lam_max = _convention_lam_range(eps_fn, conv, (lam_min, lam_max))
     return ImageEvalSettings(
         levels=int(levels),
         methods=methods,
@@ -249,16 +258,23 @@ def _check_convention(convention, methods: Sequence[str], levels: int) -> Conven
     """The :class:`~scoredensity.conventions.Convention` of an image evaluation, checked against the methods.
 
     ``ddpm`` and ``improved-diffusion`` define the DDPM bound (method ``ddpm`` only); ``scoredensity`` is this
-    library's own (every method); the continuous ``score-sde`` (the ODE on a 2/256 grid) and ``vdm`` (a
-    categorical decoder) are not image-evaluation methods here."""
+    library's own (every method); ``vdm`` is the density formula with its categorical decoder (method
+    ``formula-discrete`` only) and ``score-sde`` the probability-flow ODE on dequantised data (method
+    ``ode-dequantized`` only), each on its own 2/256 grid (:data:`CONVENTION_METHODS`)."""
     if convention is None:
         return None
     conv = get_convention(convention)
-    if conv.name != "scoredensity" and conv.time != "discrete":
+    if conv.name in CONVENTION_METHODS:
+        allowed = CONVENTION_METHODS[conv.name]
+        if tuple(methods) != allowed:
+            raise ValueError(
+                f"convention {conv.name!r} ({conv.estimator}, {conv.clean_end} clean end) is evaluated by the method "
+                f"{allowed[0]!r} only: use methods={allowed}, not {tuple(methods)}"
+            )
+    elif conv.name != "scoredensity" and conv.time != "discrete":
         raise ValueError(
             f"convention {conv.name!r} ({conv.estimator}, {conv.clean_end} clean end) is not available in the image "
-            "evaluation; it has: ddpm, improved-diffusion (the DDPM bound) and scoredensity (for score-sde call "
-            "ode_log_likelihood(convention='score-sde'), for vdm log_density(convention='vdm') directly)"
+            f"evaluation; it has: ddpm, improved-diffusion, scoredensity, {', '.join(CONVENTION_METHODS)}"
         )
     formula = [m for m in methods if m.startswith("formula")]
     if conv.time == "discrete" and formula:
@@ -268,12 +284,28 @@ def _check_convention(convention, methods: Sequence[str], levels: int) -> Conven
     return conv
 
 
+def _convention_lam_range(eps_fn: EpsFn, conv: Convention, trained: tuple[float, float]) -> tuple[float, float]:
+    """The convention's log-SNR range, checked to lie within the model's trained range (``eps_fn.lam_range``,
+    else the range of its ``t_range``). Raises ``ValueError`` naming both ranges."""
+    lo, hi = conv.lam_range
+    model = getattr(eps_fn, "lam_range", None)
+    m_lo, m_hi = (float(v) for v in (model if model is not None else trained))
+    if lo < m_lo - 1e-9 or hi > m_hi + 1e-9:
+        raise ValueError(
+            f"convention {conv.name!r} needs the log-SNR range [{lo:.4g}, {hi:.4g}], beyond the model's trained range "
+            f"[{m_lo:.4g}, {m_hi:.4g}]: the network would be called where it was not trained"
+        )
+    return lo, hi
+
+
 def vdm_terms(r: LogDensity, method: str, d: int, lam_min: float, lam_max: float) -> dict[str, Tensor]:
     """VDM's split of a per-example log-density into ``prior``, ``diffusion`` and ``reconstruction`` [B] (nats;
     they add up to ``r.logp``).
 
     The formula's terms are regrouped: its noisy end carries ``-(d/2) softplus(lam_min)`` and its clean end
     ``+(d/2) softplus(lam_max)`` of the integral's closed-form part, which VDM counts in the diffusion term."""
+    if method.startswith("ode"):
+        return {"prior": r.terms["prior"], "diffusion": r.terms["flow"], "reconstruction": torch.zeros_like(r.logp)}
     if not method.startswith("formula"):
         return {"prior": r.terms["prior"], "diffusion": r.terms["diffusion"], "reconstruction": r.terms["decoder"]}
     sp_min, sp_max = (float(F.softplus(torch.tensor(v, dtype=torch.float64))) for v in (lam_min, lam_max))
@@ -282,6 +314,14 @@ def vdm_terms(r: LogDensity, method: str, d: int, lam_min: float, lam_max: float
         "diffusion": r.terms["integral"] - 0.5 * d * (sp_max - sp_min),
         "reconstruction": r.terms["clean_end"] + 0.5 * d * sp_max,
     }
+
+
+def pilot_images(k: Tensor, s: ImageEvalSettings) -> Tensor:
+    """The pilot examples [b, *shape] float32 of the shared importance proposal, from integer levels ``k``: on the
+    convention's grid (``vdm``: ``2(k + 1/2)/L - 1``), else ``2k/(L-1) - 1``."""
+    if s.convention is not None and s.convention["name"] == "vdm":
+        return (2 * (k.double() + 0.5) / s.levels - 1).float()
+    return levels_to_unit_scale(k, s.levels).float()
 
 
 def round_keys(ids: Tensor, round_: int) -> Tensor:
@@ -297,9 +337,44 @@ def _block_records(
     d = k[0].numel()
     keys = round_keys(ids, round_)
     grid = levels_to_unit_scale(k, s.levels).float()
+    conv = None if s.convention is None else s.convention["name"]
     out: dict[str, Tensor] = {}
     for m in s.methods:
-        if m == "ddpm":
+        if conv == "vdm":  # VDM's grid 2(k + 1/2)/L - 1 and categorical decoder; the convention's log-SNR range
+            x = (2 * (k.double() + 0.5) / s.levels - 1).float()
+            r = log_density(
+                eps_fn,
+                x,
+                convention="vdm",
+                n_t=s.n_t,
+                importance=proposal,
+                control_variate=None,
+                seed=s.seed,
+                example_ids=keys,
+                precision=s.precision,
+                max_batch=s.max_batch,
+                progress=False,
+            )
+        elif m == "ode-dequantized":
+            u = rng.uniforms(s.seed, rng.Stream.DEQUANT, ids, d, step=round_, device=device).reshape(k.shape)
+            if conv == "score-sde":  # score_sde's grid: (255 x + u)/256 on [0, 1], i.e. bins of 2/256 on [-1, 1]
+                x = (2 * (k.double() + u.double()) / 256 - 1).float()
+            else:
+                x = levels_to_unit_scale(k, s.levels, u).float()
+            with torch.enable_grad():
+                r = ode_log_likelihood(
+                    eps_fn,
+                    x,
+                    convention=conv if conv == "score-sde" else None,
+                    lam_min=None if conv == "score-sde" else s.lam_min,
+                    lam_max=None if conv == "score-sde" else s.lam_max,
+                    seed=s.seed,
+                    example_ids=keys,
+                    precision=s.precision,
+                    max_batch=s.max_batch,
+                    progress=False,
+                )
+        elif m == "ddpm":
             r = ddpm_elbo(
                 eps_fn,
                 grid,
@@ -344,8 +419,12 @@ def _block_records(
 def _method_figures(tables: list[dict[str, Tensor]], m: str, d: int, s: ImageEvalSettings, pilot_nfe: float) -> dict:
     """The figures of method ``m`` from the per-round record tables (each ``{key: [N]}``)."""
     to_bits = 1.0 / (d * math.log(2))
-    kind = "dequantized" if m == "formula-dequantized" else "discrete"
-    offset = math.log2((s.levels - 1) / 2) if kind == "dequantized" else 0.0
+    kind = "dequantized" if m.endswith("-dequantized") else "discrete"
+    conv = None if s.convention is None else s.convention
+    if conv is not None and conv["name"] in CONVENTION_METHODS:
+        offset = float(conv["bits_offset"])  # score-sde: 7 (bins of 2/256); vdm: 0 (a categorical probability)
+    else:
+        offset = math.log2((s.levels - 1) / 2) if kind == "dequantized" else 0.0
     logp, est_se, stated_se = round_stats([t[f"{m}/logp"] for t in tables], [t[f"{m}/stderr"] for t in tables])
     n = logp.shape[0]
     bpd = -logp * to_bits + offset  # [N]
@@ -366,11 +445,16 @@ def _method_figures(tables: list[dict[str, Tensor]], m: str, d: int, s: ImageEva
         fig["bpd_offset_dequantization"] = offset
     if m.startswith("formula"):
         fig["n_t"] = s.n_t
+    elif m.startswith("ode"):
+        pass
     else:
         fig.update(variance=s.variance, T=s.schedule.num_steps, steps_sampled=s.ddpm_steps)
         if s.convention is not None:
             c = s.convention
             fig["convention"] = c["name"] + ("" if s.variance == c["variance"] else f"+variance={s.variance}")
+    if conv is not None and conv["name"] in CONVENTION_METHODS:
+        fig["convention"] = conv["name"]
+        fig["grid"] = conv["grid"]
     return fig
 
 
@@ -381,7 +465,7 @@ def evaluate_images(
     *,
     levels: int = 256,
     t_range: tuple[float, float] | None = None,
-    methods: Sequence[str] = IMAGE_METHODS,
+    methods: Sequence[str] = DEFAULT_IMAGE_METHODS,
     schedule: DDPMSchedule | None = None,
     variance: str | None = None,
     n_t: int = 32,
@@ -408,7 +492,8 @@ def evaluate_images(
         images: [N, C, H, W] integer levels in ``0..levels-1``.
         levels: ``L`` (256 for 8-bit images); the model sees ``x = 2k/(L-1) - 1``.
         t_range: ``(t_1, t_T)``, the trained range; the network is never called outside it.
-        methods: subset of ``formula-discrete``, ``formula-dequantized``, ``ddpm``.
+        methods: subset of ``formula-discrete``, ``formula-dequantized``, ``ddpm`` (the default) and
+            ``ode-dequantized`` (the probability-flow ODE on dequantised data, exact trace: opt-in, costly).
         schedule: the T-step grid for ``ddpm`` (default ``eps_fn.schedule``).
         variance: ``fixed_small`` / ``fixed_large`` / ``learned_range`` / ``learned`` for ``ddpm`` (default the
             model's ``variance_type``; the learned ones read the model's variance channels).
@@ -427,8 +512,12 @@ def evaluate_images(
             records already in it are not recomputed (resume), new ones are written as they are done.
         convention: a published convention (:mod:`scoredensity.conventions`) or its name: ``"ddpm"`` or
             ``"improved-diffusion"`` (the DDPM bound as published: decoder variance, clipping, CDF; method ``ddpm``
-            only; improved-diffusion keeps the model's own reverse variance, ``ddpm`` uses fixed_large), or
-            ``"scoredensity"``. The result names it and lists its choices; ``None``: the defaults above.
+            only; improved-diffusion keeps the model's own reverse variance, ``ddpm`` uses fixed_large),
+            ``"vdm"`` (method ``formula-discrete`` only: levels at ``2(k + 1/2)/256 - 1``, categorical decoder,
+            log-SNR [-5, 13.3], no offset), ``"score-sde"`` (method ``ode-dequantized`` only: ``2(k + u)/256 - 1``,
+            log-SNR [-10.05, 13.82], bits/dim + 7) or ``"scoredensity"``. vdm and score-sde are refused when
+            their log-SNR range exceeds the model's trained range (``eps_fn.lam_range``).
+            The result names it and lists its choices; ``None``: the defaults above.
         progress: a progress bar on a terminal, else periodic plain lines on stderr.
 
     Returns:
@@ -468,9 +557,10 @@ def evaluate_images(
         raise ValueError(f"store keys {store.keys[:3]}... do not match the methods {s.methods}")
 
     proposal = None
-    if any(m.startswith("formula") for m in s.methods):
+    uses_proposal = any(m.startswith("formula") for m in s.methods)
+    if uses_proposal:
         # one proposal for every block, round and process: fitted on the same first examples everywhere
-        pilot = levels_to_unit_scale(images[: min(n, _PILOT_EXAMPLES)].to(device), s.levels).float()
+        pilot = pilot_images(images[: min(n, _PILOT_EXAMPLES)].to(device), s)
         proposal = fit_proposal(
             eps_fn,
             pilot,
@@ -481,7 +571,7 @@ def evaluate_images(
             pilot_nodes=_PILOT_NODES,
             precision=s.precision,
         )
-    pilot_nfe = min(n, _PILOT_EXAMPLES) * _PILOT_NODES / n
+    pilot_nfe = min(n, _PILOT_EXAMPLES) * _PILOT_NODES / n if uses_proposal else 0.0
 
     def compute_round(r: int):
         return lambda ids: _block_records(eps_fn, s, proposal, images, ids, r, device)
@@ -516,8 +606,9 @@ def evaluate_images(
         "convention": s.convention,
         "preprocessing": {
             "scaling": f"x = 2k/({s.levels}-1) - 1 (k integer levels in 0..{s.levels - 1})",
-            "dequantization": "formula-dequantized only: x = 2(k + u - 1/2)/(L-1) - 1, u ~ U[0,1) keyed by "
-            "(seed, example index, round); bpd adds log2((L-1)/2)",
+            "dequantization": "formula-dequantized and ode-dequantized: x = 2(k + u - 1/2)/(L-1) - 1, u ~ U[0,1) "
+            "keyed by (seed, example index, round); bpd adds log2((L-1)/2) (convention score-sde: "
+            "x = 2(k + u)/256 - 1, bpd adds 7; vdm: x = 2(k + 1/2)/256 - 1 with a categorical decoder, no offset)",
             "discrete": "formula-discrete and ddpm: discretised Gaussian decoder, no dequantisation",
         },
         "methods": {},

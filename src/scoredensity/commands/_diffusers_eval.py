@@ -33,8 +33,9 @@ def add_diffusers_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--methods",
         default=None,
-        help="comma-separated subset of formula-discrete, formula-dequantized, ddpm (default: all; ddpm for the "
-        "ddpm and improved-diffusion conventions)",
+        help="comma-separated subset of formula-discrete, formula-dequantized, ddpm, ode-dequantized (default: the "
+        "first three; ddpm for the ddpm and improved-diffusion conventions, formula-discrete for vdm, "
+        "ode-dequantized for score-sde)",
     )
     g.add_argument("--ddpm-steps", type=int, default=50, help="KL terms sampled per image for the DDPM ELBO (0: all)")
     g.add_argument(
@@ -46,7 +47,8 @@ def add_diffusers_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--convention",
         default=None,
-        help="a published evaluation convention: ddpm, improved-diffusion or scoredensity (docs/conventions.md)",
+        help="a published evaluation convention: ddpm, improved-diffusion, scoredensity, vdm or score-sde "
+        "(docs/conventions.md)",
     )
 
 
@@ -129,7 +131,7 @@ def run_diffusers_eval(args: argparse.Namespace) -> int:
     from ..diffusers_io import load_diffusers_eps
     from ..distributed import join_process_group, local_device
     from ..eval_store import ResultStore
-    from ..image_eval import IMAGE_METHODS, data_hash, evaluate_images, record_keys
+    from ..image_eval import CONVENTION_METHODS, DEFAULT_IMAGE_METHODS, data_hash, evaluate_images, record_keys
     from ._common import resolve_device
 
     if not args.images:
@@ -156,8 +158,10 @@ def run_diffusers_eval(args: argparse.Namespace) -> int:
             methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         elif convention is not None and convention.time == "discrete":
             methods = ("ddpm",)
+        elif convention is not None and convention.name in CONVENTION_METHODS:
+            methods = CONVENTION_METHODS[convention.name]
         else:
-            methods = IMAGE_METHODS
+            methods = DEFAULT_IMAGE_METHODS
         kw = dict(
             levels=levels,
             methods=methods,

@@ -1,0 +1,115 @@
+"""The continuous published conventions (``vdm``, ``score-sde``) through :func:`evaluate_images`: per image the same
+figure as the direct estimator call with the convention and matched keyed noise, with the convention's offset."""
+
+import math
+
+import pytest
+import torch
+from helpers import tiny_unet
+
+from scoredensity import DiffusersEps, rng
+from scoredensity.conventions import get_convention
+from scoredensity.formula import fit_proposal, log_density
+from scoredensity.image_eval import evaluate_images, round_keys
+from scoredensity.ode import ode_log_likelihood
+
+pytest.importorskip("diffusers")
+
+# trained log-SNR range about [-15.6, 16.1]: wide enough for vdm's [-5, 13.3] and score-sde's [-10.05, 13.8]
+WIDE = {"num_train_timesteps": 100, "beta_start": 1e-7, "beta_end": 0.3, "beta_schedule": "linear"}
+NARROW = {"num_train_timesteps": 100, "beta_start": 1e-4, "beta_end": 0.2, "beta_schedule": "linear"}
+N, D = 3, 64
+
+
+def _images() -> torch.Tensor:
+    return torch.randint(0, 256, (N, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+
+
+def test_vdm_equals_the_direct_call_with_matched_noise():
+    eps = DiffusersEps(tiny_unet(channels=1), WIDE)
+    assert eps.lam_range[0] < -5 and eps.lam_range[1] > 13.3
+    images = _images()
+    conv = get_convention("vdm")
+    res = evaluate_images(
+        eps, images, methods=("formula-discrete",), convention="vdm", n_t=8, batch_size=2, progress=False
+    )
+    r = res["methods"]["formula-discrete"]
+    assert res["convention"] == conv.as_dict() and r["convention"] == "vdm"
+    assert res["lam_range"] == [-5.0, 13.3]
+    # the direct call: VDM's grid, the convention's range and decoder, the same shared proposal and keys
+    x = (2 * (images.double() + 0.5) / 256 - 1).float()
+    # the shared proposal: fitted once on the first examples on VDM's grid, over the convention's range
+    prop = fit_proposal(eps, x, lam_min=-5.0, lam_max=13.3, seed=0, pilot_examples=16, pilot_nodes=8)
+    direct = log_density(
+        eps,
+        x,
+        convention="vdm",
+        n_t=8,
+        importance=prop,
+        control_variate=None,
+        example_ids=round_keys(torch.arange(N), 0),
+    )
+    assert direct.info["lam_min"] == -5.0 and direct.info["lam_max"] == 13.3
+    bpd = conv.bits_per_dim(-direct.logp, D)  # no offset: the categorical decoder gives a probability
+    assert conv.bits_offset == 0.0
+    assert r["bpd"] == pytest.approx(float(bpd.mean()), abs=1e-5)
+    assert r["nll_nats"] == pytest.approx(float(-direct.logp.mean()), rel=1e-6)
+
+
+def test_score_sde_equals_the_direct_ode_with_matched_dequantisation():
+    eps = DiffusersEps(tiny_unet(channels=1), WIDE)
+    images = _images()[:2]
+    conv = get_convention("score-sde")
+    res = evaluate_images(eps, images, methods=("ode-dequantized",), convention="score-sde", progress=False)
+    r = res["methods"]["ode-dequantized"]
+    assert r["convention"] == "score-sde" and r["kind"] == "dequantized"
+    assert r["bpd_offset_dequantization"] == 7.0 == conv.bits_offset
+    ids = torch.arange(2)
+    u = rng.uniforms(0, rng.Stream.DEQUANT, ids, D, step=0).reshape(images.shape)
+    x = (2 * (images.double() + u.double()) / 256 - 1).float()
+    direct = ode_log_likelihood(eps, x, convention="score-sde", seed=0, example_ids=round_keys(ids, 0))
+    bpd = conv.bits_per_dim(-direct.logp, D)  # + 7 bits/dim: bins of 2/256
+    assert float((bpd - (-direct.logp / (D * math.log(2)))).mean()) == pytest.approx(7.0)
+    assert r["bpd"] == pytest.approx(float(bpd.mean()), abs=1e-5)
+
+
+def test_conventions_beyond_the_trained_range_or_with_other_methods_are_refused():
+    eps = DiffusersEps(tiny_unet(channels=1), NARROW)  # log-SNR up to about 9.2 < 13.3
+    images = _images()
+    with pytest.raises(ValueError, match=r"log-SNR range \[-5, 13.3\].*trained range"):
+        evaluate_images(eps, images, methods=("formula-discrete",), convention="vdm", progress=False)
+    with pytest.raises(ValueError, match=r"log-SNR range \[-10.05, 13.8.*trained range"):
+        evaluate_images(eps, images, methods=("ode-dequantized",), convention="score-sde", progress=False)
+    with pytest.raises(ValueError, match="'formula-discrete' only"):
+        evaluate_images(eps, images, convention="vdm", progress=False)
+    with pytest.raises(ValueError, match="'ode-dequantized' only"):
+        evaluate_images(eps, images, methods=("formula-dequantized",), convention="score-sde", progress=False)
+
+
+def test_ode_dequantized_without_a_convention_uses_the_library_grid_and_offset():
+    eps = DiffusersEps(tiny_unet(channels=1), WIDE)
+    images = _images()[:1]
+    res = evaluate_images(eps, images, methods=("ode-dequantized",), progress=False)
+    r = res["methods"]["ode-dequantized"]
+    assert res["convention"] is None and "convention" not in r
+    assert r["bpd_offset_dequantization"] == pytest.approx(math.log2(255 / 2))
+    u = rng.uniforms(0, rng.Stream.DEQUANT, torch.arange(1), D, step=0).reshape(images.shape)
+    x = (2 * (images.double() + u.double() - 0.5) / 255 - 1).float()
+    lam_min, lam_max = res["lam_range"]
+    direct = ode_log_likelihood(eps, x, lam_min=lam_min, lam_max=lam_max, seed=0, example_ids=torch.arange(1))
+    bpd = float(-direct.logp.mean()) / (D * math.log(2)) + math.log2(255 / 2)
+    assert r["bpd"] == pytest.approx(bpd, abs=1e-5)
+
+
+def test_cli_convention_vdm_picks_its_method_and_lists_its_choices(tmp_path, capsys):
+    import diffusers
+    import numpy as np
+    from test_evaluate_scale import _eval_cli
+
+    diffusers.DDPMPipeline(unet=tiny_unet(channels=1), scheduler=diffusers.DDPMScheduler(**WIDE)).save_pretrained(
+        tmp_path / "p"
+    )
+    np.save(tmp_path / "x.npy", _images()[:, 0].numpy().astype(np.uint8))
+    out = _eval_cli(capsys, "--diffusers", tmp_path / "p", "--images", tmp_path / "x.npy", "--convention", "vdm")
+    assert list(out["methods"]) == ["formula-discrete"] and out["convention"] == get_convention("vdm").as_dict()
+    assert out["methods"]["formula-discrete"]["convention"] == "vdm" and out["lam_range"] == [-5.0, 13.3]
