@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from _tiny_unet import perturbed_tiny_unet
 
 import scoredensity as sd
 from scoredensity.ddpm import ddpm_elbo, kl_constants, reverse_variances
@@ -42,23 +43,10 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "bench_conventions.md"
 
 
 def random_unet() -> sd.DiffusersEps:
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return sd.DiffusersEps(unet.eval().requires_grad_(False), DDPMScheduler().config)
+    unet = perturbed_tiny_unet()
+    return sd.DiffusersEps(unet, DDPMScheduler().config)
 
 
 def bpd(r) -> tuple[float, float]:

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from _tiny_unet import perturbed_tiny_unet
 
 import scoredensity as sd
 from scoredensity.ddpm import ddpm_elbo
@@ -89,23 +90,9 @@ def ddpm_exact_rows() -> list[tuple]:
 
 
 def ddpm_unet_rows() -> list[tuple]:
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    unet.eval().requires_grad_(False)
+    unet = perturbed_tiny_unet()
     k = torch.randint(0, 256, (8, 1, 8, 8), generator=torch.Generator().manual_seed(3))
     x = 2 * k.float() / 255 - 1
     rows = []

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _tiny_unet import perturbed_tiny_unet
 
 from scoredensity.formula import log_density
 from scoredensity.logdensity import LogDensity
@@ -54,20 +55,7 @@ def small_unet(device: str):
 
     from scoredensity.adapters import DiffusersEps
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    unet = perturbed_tiny_unet()
     sched = diffusers.DDPMScheduler(num_train_timesteps=100, beta_start=1e-4, beta_end=0.1)
     return DiffusersEps(unet.eval().to(device), sched.config), (-5.1, 9.2)
 
