@@ -401,6 +401,7 @@ def _decoder_term(
     return vals.mean(1), vals.var(1) / draws
 
 
+@torch.inference_mode()
 def fit_step_proposal(
     eps_fn: EpsFn,
     x: Tensor,
@@ -433,42 +434,6 @@ def fit_step_proposal(
     big_t = schedule.num_steps
     if big_t < 2:
         raise ValueError("a step proposal needs T >= 2")
-    with torch.inference_mode():
-        return _fit_step_proposal(
-            eps_fn,
-            x,
-            schedule,
-            variance,
-            decoder_variance,
-            clip_denoised,
-            norm_z,
-            seed,
-            pilot_examples,
-            pilot_steps,
-            n_bands,
-            cond,
-            precision,
-            max_batch,
-        )
-
-
-def _fit_step_proposal(
-    eps_fn,
-    x,
-    schedule,
-    variance,
-    decoder_variance,
-    clip_denoised,
-    norm_z,
-    seed,
-    pilot_examples,
-    pilot_steps,
-    n_bands,
-    cond,
-    precision,
-    max_batch,
-) -> tuple[StepProposal, int]:
-    big_t = schedule.num_steps
     pick = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], pilot_examples)).round().long().unique()
     xs = x[pick.to(x.device)]
     s = _setup(
