@@ -152,7 +152,10 @@ def test_classify_cli(tmp_path, capsys):
     capsys.readouterr()
     png = tmp_path / "cm.png"
     assert main(["classify", str(cond), "--n", "12", "--budget", "640", "--out", str(png), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cap = capsys.readouterr()
+    out = json.loads(cap.out.strip().splitlines()[-1])
+    # stderr is a log here (not a terminal): like train, gan and certify it says what it does and when it is done
+    assert "classify: 12 test examples x 10 classes, budget 640" in cap.err and "classify: done in" in cap.err
     assert out["n"] == 12 and 0 <= out["accuracy"] <= 1 and 0 <= out["ece"] <= 1
     assert sum(map(sum, out["confusion"])) == 12 and png.stat().st_size > 0
     uncond = tmp_path / "uncond"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import time
 from pathlib import Path
 
 from ._common import (
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     """Classify; print accuracy, ECE and the confusion matrix; save the PNG. Returns the exit code."""
 
     from ..apps.classifier import classify, confusion_matrix, expected_calibration_error
+    from ..demo import ProgressLog
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -83,18 +85,23 @@ def run(args: argparse.Namespace) -> int:
     if mb is not None:  # the classifier may still call it chunk_size (rows per network call)
         opts["max_batch" if "max_batch" in inspect.signature(classify).parameters else "chunk_size"] = mb
     opts = supported_kwargs(classify, opts, "classify")
-    res = classify(
-        model,
-        xm.to(device),
-        list(range(k)),
-        weighting=args.weighting,
-        budget=budget,
-        eliminate=not args.no_eliminate,
-        lam_min=tr.get("lam_min", -20.0),
-        lam_max=tr.get("lam_max", 20.0),
-        seed=args.seed,
-        **opts,
-    )
+    log = ProgressLog("classify")  # plain lines when stderr is a log (not a terminal): start, every 10 s, done
+    t_start = time.perf_counter()
+    log(f"{len(y)} {args.split} examples x {k} classes, budget {budget} evaluations per example, on {device}")
+    with log.every(lambda: f"classifying, {time.perf_counter() - t_start:.0f} s elapsed"):
+        res = classify(
+            model,
+            xm.to(device),
+            list(range(k)),
+            weighting=args.weighting,
+            budget=budget,
+            eliminate=not args.no_eliminate,
+            lam_min=tr.get("lam_min", -20.0),
+            lam_max=tr.get("lam_max", 20.0),
+            seed=args.seed,
+            **opts,
+        )
+    log(f"done in {time.perf_counter() - t_start:.1f} s, {float(res.nfe.mean()):.0f} evaluations per example")
     acc = res.accuracy(y)
     ece = expected_calibration_error(res.probabilities(), y, res.classes)
     cm = confusion_matrix(y, res.prediction, res.classes)
