@@ -27,11 +27,13 @@ Run: python benchmarks/conventions.py [--diffusers DIR] [--n 8]. Writes docs/ben
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
 
 import torch
+from _fragment import provenance, write
 from _tiny_unet import perturbed_tiny_unet
 
 import scoredensity as sd
@@ -76,6 +78,18 @@ def vdm_row(eps, x, lam_range, n_t, seed) -> tuple[float, float]:
     return float((-total / (d * math.log(2))).mean()), float(se.pow(2).sum().sqrt() / len(se)) / (d * math.log(2))
 
 
+def describe(folder: str) -> str:
+    """The model of a diffusers folder in words, from its own config files (not its path, which is local)."""
+    unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
+    sched = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+    return (
+        f"the diffusers folder given as `--diffusers` ({unet['_class_name']}, {unet['sample_size']}x"
+        f"{unet['sample_size']}x{unet['in_channels']}, block_out_channels {unet['block_out_channels']}, "
+        f"{sched['num_train_timesteps']}-step {sched['beta_schedule']} schedule, {sched['prediction_type']} "
+        "prediction; made by the two commands in the script's docstring)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--diffusers", default=None, help="diffusers folder of the model (default: random-weight U-Net)")
@@ -86,7 +100,7 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     eps = random_unet() if args.diffusers is None else sd.load_diffusers_eps(args.diffusers)
-    model = "random-weight U-Net (8x8, channels 8,16)" if args.diffusers is None else f"`{args.diffusers}`"
+    model = "random-weight U-Net (8x8, channels 8,16)" if args.diffusers is None else describe(args.diffusers)
     k = sd.load_dataset("digits", seed=0).x_test[: args.n]
     x = (2 * k.to(torch.float64) / (LEVELS - 1) - 1).float()
     sch = eps.schedule
@@ -120,10 +134,13 @@ def main() -> None:
     gap_nats = float(kl_constants(model_var, post_var, d)[1:].sum())
     gap_bpd = gap_nats / (d * math.log(2))
     secs = time.perf_counter() - t0
+    command = "python benchmarks/conventions.py" + (" --diffusers DIR" if args.diffusers else "")
+    command += f" --n {args.n}" + (f" --n-t {args.n_t}" if args.n_t != 64 else "")
+    command += f" --seed {args.seed}" if args.seed else ""
     lines = [
         "# All conventions on one model",
         "",
-        "Written by `benchmarks/conventions.py` (do not edit by hand).",
+        provenance("benchmarks/conventions.py", command, secs),
         "",
         f"Model: {model}; data: the first {args.n} digits test images (8x8, 17 levels, the conventions' discrete",
         f"rows with `levels=17`). T = {T}. Bits/dim of the 17-level data (lower is better); `est. se`: the",
@@ -138,11 +155,30 @@ def main() -> None:
         "",
         f"Model-free part of the fixed_large bound: sum_(k>=2) d/2 (r_k - 1 - log r_k), r_k = t_(k-1)/t_k, "
         f"= {gap_nats:.2f} nats = {gap_bpd:.4f} bits/dim (d = {d}).",
-        "",
-        f"Measured on 1 thread in {secs:.0f} s.",
     ]
-    OUT.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", *findings({r[0]: (r[2], r[3]) for r in rows})]
+    write(OUT, "\n".join(lines))
+
+
+def findings(v: dict[str, tuple[float, float]]) -> list[str]:
+    """The differences the worked example discusses, from the rows (bits/dim; ± sqrt(se_a^2 + se_b^2), which is
+    conservative where two rows share their noise)."""
+
+    def diff(a: str, b: str) -> str:
+        (ma, sa), (mb, sb) = v[a], v[b]
+        return f"{ma - mb:+.4f} ± {math.hypot(sa, sb):.4f}"
+
+    clip, noclip = "improved-diffusion (fixed_large)", "improved-diffusion, clip_denoised=False"
+    b1, formula = "scoredensity ddpm_elbo (fixed_large, decoder b_1, no clip)", "scoredensity (density formula)"
+    return [
+        "Findings (bits/dim, computed from the table):",
+        f"- clipping `x0_hat`: unclipped minus clipped bound {diff(noclip, clip)};",
+        f"- tanh CDF minus the exact CDF {diff('improved-diffusion, cdf=tanh', clip)}; decoder variance `b_1` "
+        f"(scoredensity, no clip) minus `sigma~_2^2` (no clip) {diff(b1, noclip)};",
+        f"- fixed_small minus fixed_large (both clipped) {diff('improved-diffusion, fixed_small', clip)};",
+        f"- density formula minus the unclipped fixed_large bound {diff(formula, noclip)};",
+        f"- vdm-style bound minus the density formula {diff('vdm-style (categorical decoder)', formula)}.",
+    ]
 
 
 if __name__ == "__main__":
