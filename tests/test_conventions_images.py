@@ -13,8 +13,6 @@ from scoredensity.formula import fit_proposal, log_density
 from scoredensity.image_eval import evaluate_images, round_keys
 from scoredensity.ode import ode_log_likelihood
 
-pytest.importorskip("diffusers")
-
 # trained log-SNR range about [-15.6, 16.1]: wide enough for vdm's [-5, 13.3] and score-sde's [-10.05, 13.8]
 WIDE = {"num_train_timesteps": 100, "beta_start": 1e-7, "beta_end": 0.3, "beta_schedule": "linear"}
 NARROW = {"num_train_timesteps": 100, "beta_start": 1e-4, "beta_end": 0.2, "beta_schedule": "linear"}
@@ -99,6 +97,33 @@ def test_ode_dequantized_without_a_convention_uses_the_library_grid_and_offset()
     direct = ode_log_likelihood(eps, x, lam_min=lam_min, lam_max=lam_max, seed=0, example_ids=torch.arange(1))
     bpd = float(-direct.logp.mean()) / (D * math.log(2)) + math.log2(255 / 2)
     assert r["bpd"] == pytest.approx(bpd, abs=1e-5)
+
+
+def test_ode_tolerance_and_trace_reach_the_solver():
+    # ode_tol and ode_trace are passed to ode_log_likelihood: the same figure as the direct call with those options
+    eps = DiffusersEps(tiny_unet(channels=1), WIDE)
+    images = _images()[:1]
+    kw = dict(methods=("ode-dequantized",), progress=False)
+    res = evaluate_images(eps, images, ode_tol=1e-2, ode_trace="hutchinson", **kw)
+    r = res["methods"]["ode-dequantized"]
+    assert res["settings"]["ode_tol"] == 1e-2 and res["settings"]["ode_trace"] == "hutchinson"
+    ids = torch.arange(1)
+    u = rng.uniforms(0, rng.Stream.DEQUANT, ids, D, step=0).reshape(images.shape)
+    x = (2 * (images.double() + u.double() - 0.5) / 255 - 1).float()
+    lam_min, lam_max = res["lam_range"]
+    common = dict(lam_min=lam_min, lam_max=lam_max, seed=0, example_ids=round_keys(ids, 0))
+    hutch = ode_log_likelihood(eps, x, rtol=1e-2, atol=1e-2, trace="hutchinson", probe="gaussian", n_probes=8, **common)
+    assert r["nll_nats"] == pytest.approx(float(-hutch.logp.mean()), rel=1e-6)
+    assert r["bpd_estimator_stderr"] > 0  # 8 probes: the trace noise is in the standard error
+    loose = evaluate_images(eps, images, ode_tol=1e-2, **kw)["methods"]["ode-dequantized"]
+    direct = ode_log_likelihood(eps, x, rtol=1e-2, atol=1e-2, **common)
+    assert loose["nll_nats"] == pytest.approx(float(-direct.logp.mean()), rel=1e-6)
+    assert loose["bpd_estimator_stderr"] == 0  # the exact trace has no Monte Carlo noise
+    tight = evaluate_images(eps, images, ode_tol=1e-4, **kw)["methods"]["ode-dequantized"]
+    assert loose["nfe_per_example"] < tight["nfe_per_example"]  # a looser tolerance takes fewer steps
+    for bad in (dict(ode_tol=0), dict(ode_tol=True), dict(ode_trace="gaussian")):
+        with pytest.raises(ValueError, match="ode_t"):
+            evaluate_images(eps, images, **kw, **bad)
 
 
 def test_cli_convention_vdm_picks_its_method_and_lists_its_choices(tmp_path, capsys):

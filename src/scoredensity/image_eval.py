@@ -58,6 +58,9 @@ __all__ = [
 ]
 
 IMAGE_METHODS = ("formula-discrete", "formula-dequantized", "ddpm", "ode-dequantized")
+# the ODE method's trace: exact (d vjps per call) or Hutchinson with ODE_PROBES Gaussian probes (an honest stderr)
+ODE_TRACES = ("exact", "hutchinson")
+ODE_PROBES = 8
 DEFAULT_IMAGE_METHODS = ("formula-discrete", "formula-dequantized", "ddpm")
 """The methods evaluated when none are named (the probability-flow ODE is opt-in: it costs far more)."""
 CONVENTION_METHODS = {"vdm": ("formula-discrete",), "score-sde": ("ode-dequantized",)}
@@ -160,6 +163,8 @@ class ImageEvalSettings:
     max_batch: int | None
     schedule: DDPMSchedule | None = dataclasses.field(default=None, compare=False)
     convention: dict | None = None
+    ode_tol: float = 1e-5
+    ode_trace: str = "exact"
 
     def as_dict(self) -> dict:
         """JSON-serialisable settings (the schedule as its number of steps)."""
@@ -184,6 +189,8 @@ def image_eval_settings(
     precision: str = "fp32",
     max_batch: int | None = None,
     convention: str | Convention | None = None,
+    ode_tol: float = 1e-5,
+    ode_trace: str = "exact",
 ) -> ImageEvalSettings:
     """Check the options of :func:`evaluate_images` against the model and the images; fill in the model's own
     range, schedule and variance. Raises ``ValueError``/``TypeError`` naming the offending option."""
@@ -205,6 +212,10 @@ def image_eval_settings(
     decoder_draws = check_int("decoder_draws", decoder_draws, 1)
     ddpm_steps = check_int("ddpm_steps", ddpm_steps, 4, allow_none=True)
     max_batch = check_int("max_batch", max_batch, 1, allow_none=True)
+    if isinstance(ode_tol, bool) or not isinstance(ode_tol, (int, float)) or not 0 < ode_tol < 1:
+        raise ValueError(f"ode_tol must be a number in (0, 1) (rtol = atol of the ODE solver), got {ode_tol!r}")
+    if ode_trace not in ODE_TRACES:
+        raise ValueError(f"ode_trace must be one of {ODE_TRACES}, got {ode_trace!r}")
     if t_range is None:
         t_range = getattr(eps_fn, "t_range", None)
         if t_range is None:
@@ -251,6 +262,8 @@ def image_eval_settings(
         max_batch=max_batch,
         schedule=schedule,
         convention=None if conv is None else conv.as_dict(),
+        ode_tol=float(ode_tol),
+        ode_trace=ode_trace,
     )
 
 
@@ -366,6 +379,10 @@ def _block_records(
                     eps_fn,
                     x,
                     convention=conv if conv == "score-sde" else None,
+                    rtol=s.ode_tol,
+                    atol=s.ode_tol,
+                    trace=s.ode_trace,
+                    **({"probe": "gaussian", "n_probes": ODE_PROBES} if s.ode_trace == "hutchinson" else {}),
                     lam_min=None if conv == "score-sde" else s.lam_min,
                     lam_max=None if conv == "score-sde" else s.lam_max,
                     seed=s.seed,
@@ -479,6 +496,8 @@ def evaluate_images(
     max_rounds: int = 64,
     store: ResultStore | None = None,
     convention: str | Convention | None = None,
+    ode_tol: float = 1e-5,
+    ode_trace: str = "exact",
     progress: bool = True,
 ) -> dict:
     """Bits per dimension of integer images under a canonical-time model, by several estimators.
@@ -493,7 +512,8 @@ def evaluate_images(
         levels: ``L`` (256 for 8-bit images); the model sees ``x = 2k/(L-1) - 1``.
         t_range: ``(t_1, t_T)``, the trained range; the network is never called outside it.
         methods: subset of ``formula-discrete``, ``formula-dequantized``, ``ddpm`` (the default) and
-            ``ode-dequantized`` (the probability-flow ODE on dequantised data, exact trace: opt-in, costly).
+            ``ode-dequantized`` (the probability-flow ODE on dequantised data, ``ode_tol`` and ``ode_trace``:
+            opt-in, costly).
         schedule: the T-step grid for ``ddpm`` (default ``eps_fn.schedule``).
         variance: ``fixed_small`` / ``fixed_large`` / ``learned_range`` / ``learned`` for ``ddpm`` (default the
             model's ``variance_type``; the learned ones read the model's variance channels).
@@ -518,6 +538,9 @@ def evaluate_images(
             log-SNR [-10.05, 13.82], bits/dim + 7) or ``"scoredensity"``. vdm and score-sde are refused when
             their log-SNR range exceeds the model's trained range (``eps_fn.lam_range``).
             The result names it and lists its choices; ``None``: the defaults above.
+        ode_tol: ``rtol = atol`` of the ``ode-dequantized`` method's adaptive solver (dopri5; every image meets it).
+        ode_trace: its trace: ``"exact"`` (one vjp per dimension per call: costly for large images) or
+            ``"hutchinson"`` (:data:`ODE_PROBES` Gaussian probes per image; their spread enters the standard error).
         progress: a progress bar on a terminal, else periodic plain lines on stderr.
 
     Returns:
@@ -544,6 +567,8 @@ def evaluate_images(
         precision=precision,
         max_batch=max_batch,
         convention=convention,
+        ode_tol=ode_tol,
+        ode_trace=ode_trace,
     )
     batch_size = check_int("batch_size", batch_size, 1)
     max_rounds = check_int("max_rounds", max_rounds, 2 if target_se is not None else 1)

@@ -39,6 +39,15 @@ def add_diffusers_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--ddpm-steps", type=int, default=50, help="KL terms sampled per image for the DDPM ELBO (0: all)")
     g.add_argument(
+        "--ode-tol", type=float, default=1e-5, help="ode-dequantized: rtol = atol of the adaptive solver (1e-5)"
+    )
+    g.add_argument(
+        "--ode-trace",
+        choices=("exact", "hutchinson"),
+        default="exact",
+        help="ode-dequantized: exact trace (one vjp per dimension) or Hutchinson with 8 Gaussian probes",
+    )
+    g.add_argument(
         "--timesteps",
         choices=("interpolated", "nearest"),
         default=None,
@@ -175,6 +184,8 @@ def run_diffusers_eval(args: argparse.Namespace) -> int:
             max_rounds=args.max_rounds,
             progress=not args.no_progress,
         )
+        if "ode-dequantized" in methods:  # only then: other evaluations keep their stored settings for --resume
+            kw.update(ode_tol=args.ode_tol, ode_trace=args.ode_trace)
         if convention is not None:
             kw["convention"] = convention
         store = None
