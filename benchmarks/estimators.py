@@ -45,8 +45,15 @@ import _fragment
 import torch
 from _fragment import mean_se, paired_diff, pm, provenance
 
-from scoredensity.commands.compare import cheapest_to_reach, compare_estimators, write_report
+from scoredensity.commands.compare import (
+    EstimatorSpec,
+    cheapest_to_reach,
+    compare_estimators,
+    default_suite,
+    write_report,
+)
 from scoredensity.ddpm import ddpm_elbo
+from scoredensity.formula import log_density
 from scoredensity.mixtures import mixture_preset
 from scoredensity.sampling import sample
 from scoredensity.schedules import DDPMSchedule, VPLinearClock
@@ -169,8 +176,41 @@ def _estimator_table(agg: list[dict]) -> list[str]:
     return lines
 
 
+def _suite(d: int, level: str, seed: int, extra_formula) -> list:
+    """``default_suite`` with every estimator keyed by ``seed``, plus the formula at the extra n_t (same options)."""
+    suite = default_suite(d, level, options={"seed": seed})
+    last = max(i for i, s in enumerate(suite) if s.family == "formula")
+    extra = [
+        EstimatorSpec(
+            "formula",
+            f"n_t={m}",
+            lambda f, x, m=m: log_density(f, x, n_t=m, lam_min=-20.0, lam_max=20.0, seed=seed, progress=False),
+        )
+        for m in extra_formula
+    ]
+    return suite[: last + 1] + extra + suite[last + 1 :]
+
+
+def _verdict(per_seed: list[dict], skip: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Per seed: the cheapest row to the target and the runner-up of another family (labels, 'none' if none)."""
+    best_labels, runner_labels = [], []
+    for res in per_seed:
+        rows = {"rows": [r for r in res["rows"] if _label(r) not in skip]}
+        best = cheapest_to_reach(rows, TARGET_PER_DIM)
+        runner = _runner_up(rows, best)
+        best_labels.append(_label(best) if best else "none")
+        runner_labels.append(_label(runner) if runner else "none")
+    return best_labels, runner_labels
+
+
 def estimators_fragment(
-    seeds: list[int], dims: list[int], level: str, points: int | None, write: str | None, out: str | None
+    seeds: list[int],
+    dims: list[int],
+    level: str,
+    points: int | None,
+    write: str | None,
+    out: str | None,
+    extra_formula: list[int] = (),
 ) -> str:
     """Every estimator on the anisotropic preset for each seed and dimension; verdict per seed (markdown)."""
     t_all = time.perf_counter()
@@ -182,7 +222,7 @@ def estimators_fragment(
         per_seed = []
         for seed in seeds:
             x = gm.sample(n, generator=torch.Generator().manual_seed(seed))
-            res = compare_estimators(gm.eps, x, gm.log_prob(x), level=level, options={"seed": seed})
+            res = compare_estimators(gm.eps, x, gm.log_prob(x), suite=_suite(d, level, seed, extra_formula))
             res.update(preset="anisotropic", seed=seed)
             per_seed.append(res)
             if out:
@@ -195,57 +235,71 @@ def estimators_fragment(
             print(f"d = {d}, seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
         agg = _aggregate(per_seed)
         by_label = {_label(r): r for r in agg}
-        bests = [cheapest_to_reach(res, TARGET_PER_DIM) for res in per_seed]
-        runners = [_runner_up(res, b) for res, b in zip(per_seed, bests, strict=True)]
-        best_labels = [_label(b) if b else "none" for b in bests]
-        runner_labels = [_label(r) if r else "none" for r in runners]
+        best_labels, runner_labels = _verdict(per_seed)
         modal_best = Counter(best_labels).most_common(1)[0][0]
         modal_runner = Counter(runner_labels).most_common(1)[0][0]
-
         cells = []
         for lab, labels in ((modal_best, best_labels), (modal_runner, runner_labels)):
             r = by_label.get(lab)
             cells += [_counts(labels), "-" if r is None else _cost_cell(r), "-" if r is None else _err(r)]
         verdict_rows.append(f"| {d} | {n} | " + " | ".join(cells) + " |")
         # findings for this dimension, all computed from the rows above
+        k = len(seeds)
         if modal_best == "none":
             close = [_closest(res, None) for res in per_seed]
             findings.append(
-                f"d = {d}: no estimator reached {TARGET_PER_DIM} nats/dim in {best_labels.count('none')}/{len(seeds)} "
+                f"d = {d}: no estimator reached {TARGET_PER_DIM} nats/dim in {best_labels.count('none')}/{k} "
                 f"seeds; closest per seed: " + ", ".join(f"{_label(c)} {c['abs_err_per_dim']:.4f}" for c in close) + "."
             )
         else:
             b = by_label[modal_best]
             text = (
                 f"d = {d}: the cheapest estimator to {TARGET_PER_DIM} nats/dim is {modal_best} in "
-                f"{best_labels.count(modal_best)}/{len(seeds)} seeds (cost {_cost_cell(b)} per example, error "
-                f"{pm(*b['err'], 4).lstrip('+')} nats/dim over {len(seeds)} seeds)"
+                f"{best_labels.count(modal_best)}/{k} seeds (cost {_cost_cell(b)} per example, error "
+                f"{_err(b)} nats/dim, mean ± se over {k} seeds)"
             )
-            if modal_runner == "none":
+            # every other estimator family that reaches the target in some seed: its cheapest such row, paired with
+            # the winner on the same seeds' points
+            others = []
+            for fam in dict.fromkeys(r["family"] for r in agg):
+                if fam == b["family"]:
+                    continue
+                reach = [r for r in agg if r["family"] == fam and r["n_reach"] > 0]
+                if reach:
+                    others.append(min(reach, key=lambda r: r["cost"]))
+            if others:
+                text += "; other estimators that reach it in some seed (cheapest such budget, paired with the winner):"
+                for r in others:
+                    diff = paired_diff(r["errs"], b["errs"])
+                    text += (
+                        f" {_label(r)} in {r['n_reach']}/{k} seeds, cost {_cost_cell(r)} ({r['cost'] / b['cost']:.2f}x "
+                        f"the winner's), error {_err(r)}, paired error difference minus the winner's {pm(*diff, 4)} "
+                        f"nats/dim, wall-clock {r['seconds_per_example']:.3f} against {b['seconds_per_example']:.3f} "
+                        "s/example (same run);"
+                    )
+                text = text[:-1] + "."
+            else:
                 close = [_closest(res, b["family"]) for res in per_seed]
                 text += (
-                    f"; no other estimator reached it in {runner_labels.count('none')}/{len(seeds)} seeds (closest "
-                    "other estimator per seed: "
+                    "; no other estimator reached it in any seed (closest other estimator per seed: "
                     + ", ".join(f"{_label(c)} {c['abs_err_per_dim']:.4f} at cost {c['cost']:.0f}" for c in close)
                     + ")."
                 )
-            else:
-                r = by_label[modal_runner]
-                diff = paired_diff(r["errs"], b["errs"])
-                text += (
-                    f"; runner-up {modal_runner} in {runner_labels.count(modal_runner)}/{len(seeds)} seeds, cost "
-                    f"{_cost_cell(r)} ({r['cost'] / b['cost']:.1f}x), error {pm(*r['err'], 4).lstrip('+')}; "
-                    f"paired error difference runner-up - winner {pm(*diff, 4)} nats/dim ({len(seeds)} seeds); "
-                    f"wall-clock {r['seconds_per_example']:.3f} against {b['seconds_per_example']:.3f} s/example "
-                    "(same run)."
-                )
             findings.append(text)
+        if extra_formula:
+            skip = {f"formula n_t={m}" for m in extra_formula}
+            base_best, _ = _verdict(per_seed, skip)
+            findings.append(
+                f"d = {d}, cheapest to {TARGET_PER_DIM} nats/dim without the extra formula budget(s) "
+                f"({', '.join(sorted(skip))}), i.e. on the budgets of `default_suite` alone: {_counts(base_best)}."
+            )
         biased = [r for r in agg if r["gap"][1] > 0 and abs(r["gap"][0]) > 3 * r["gap"][1]]
         biased += [r for r in agg if r["gap"][1] == 0 and r["gap"][0] != 0]
         findings.append(
-            f"d = {d}, bias check (pooled gap more than 3 se from zero, {len(seeds)} x {n} points): "
-            + (", ".join(f"{_label(r)} {pm(*r['gap'], 4)}" for r in biased) if biased else "none")
-            + f" of {len(agg)} rows."
+            f"d = {d}, bias check: {len(biased)} of {len(agg)} rows have a pooled gap more than 3 se from zero "
+            f"({k} x {n} points)"
+            + (": " + ", ".join(f"{_label(r)} {pm(*r['gap'], 4)}" for r in biased) if biased else "")
+            + "."
         )
         hut = [r for r in agg if r["family"] == "ode-hutchinson"]
         exa = [r for r in agg if r["family"] == "ode-exact"]
@@ -271,7 +325,13 @@ def estimators_fragment(
             f"Seeds {', '.join(map(str, seeds))}: each seed draws new test points "
             + ", ".join(f"({points or N_POINTS.get(d, 16)} at d = {d})" for d in dims)
             + " and new estimator randomness (`seed=` of every estimator); all estimators of a seed run on the same "
-            f"points. Budgets: `compare_estimators` level `{level}` (`scoredensity.commands.compare.default_suite`).",
+            f"points. Budgets: `compare_estimators` level `{level}` (`scoredensity.commands.compare.default_suite`)"
+            + (
+                f", plus the formula (its defaults) at n_t = {', '.join(map(str, extra_formula))} (`--formula-extra`)"
+                if extra_formula
+                else ""
+            )
+            + ".",
             "",
             "Columns: **cost** = forward calls of eps (nfe) + vector-Jacobian products (vjp) per example, mean over "
             "seeds (range in brackets where the adaptive ODE differs between seeds); **s/example** = wall-clock, mean "
@@ -562,6 +622,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (new points and noise each)")
     p.add_argument("--write", default=None, help="write the markdown fragment to this file")
     p.add_argument("--out", default=None, help="--part estimators: folder for JSON and PNG per dimension and seed")
+    p.add_argument(
+        "--formula-extra",
+        type=int,
+        nargs="*",
+        default=[],
+        help="--part estimators: extra formula budgets n_t beyond the suite's (the fragment also gives the verdict "
+        "without them)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small ops)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -576,7 +644,7 @@ def main() -> None:
     if args.part == "div":
         print(div_vs_formula(args.seeds, args.dims, write=args.write))
         return
-    estimators_fragment(args.seeds, args.dims, args.level, args.points, args.write, args.out)
+    estimators_fragment(args.seeds, args.dims, args.level, args.points, args.write, args.out, args.formula_extra)
 
 
 if __name__ == "__main__":
