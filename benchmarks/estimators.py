@@ -14,11 +14,12 @@ from it, so the exact log-density is known. Estimators (each at a few budgets, s
 Cost per example = forward calls of eps (nfe) + vector-Jacobian products (vjp). Error = mean over the test points
 of |estimate - exact|, per dimension (so Monte Carlo noise counts as error, as it does for a user).
 
-Run: python benchmarks/estimators.py --part estimators --seeds 0 1 2 --write docs/bench_estimators.md
-(level ``full``; each seed draws new test points and new estimator randomness, all estimators of a seed share the
-points). The fragment has one table per dimension (cost, bias check pooled over the seeds' points, error per
-dimension as mean ± se over seeds and per seed) and the cheapest estimator to 0.01 nats/dim decided per seed, with
-the number of seeds that agree and the runner-up. ``--level quick --points 8``: a smoke run in well under a minute.
+Run: python benchmarks/estimators.py --part estimators --seeds 0 1 2 --formula-extra 4096 --write
+docs/bench_estimators.md (level ``full`` plus the formula at n_t = 4096; each seed draws new test points and new
+estimator randomness, all estimators of a seed share the points). The fragment has one table per dimension (cost,
+bias check pooled over the seeds' points, error per dimension as mean ± se over seeds and per seed) and the cheapest
+estimator to 0.01 nats/dim decided per seed, with the number of seeds that agree and the runner-up (and the verdict
+without the extra budgets). ``--level quick --points 8``: a smoke run in well under a minute.
 
 ``--part samplers --seeds 0 1 2 --write docs/bench_samplers.md``: the samplers on ring8 with its exact eps (10k
 samples per setting and seed): largest deviation of a component's mass from its weight (components by exact
