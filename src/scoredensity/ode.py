@@ -79,6 +79,8 @@ def solve_ode(
     Raises :class:`ODESolverError` naming ``rtol``/``atol`` when an adaptive solve exceeds ``max_num_steps``
     or its step size underflows.
     """
+    if max_step is not None and not max_step > 0:
+        raise ValueError(f"max_step must be positive (log-SNR units) or None, got {max_step}")
     lo, hi = lam_span
     dev = (y0[0] if isinstance(y0, tuple) else y0).device
     if steps is not None:

@@ -205,12 +205,16 @@ def sample_ode(
     lam_max: float = SAMPLER_LAM_RANGE[1],
     generator: torch.Generator | None = None,
     max_num_steps: int = 10_000,
+    max_step: float | None = 4.0,
 ) -> Tensor:
     """The probability-flow ODE ``dx/dlam = t x / 2 - sqrt(t) eps / 2`` integrated by torchdiffeq from ``lam_min``
     to ``lam_max`` (adaptive ``method`` with ``rtol``/``atol``, or a fixed rk4 grid of ``steps`` steps).
 
     ``generator`` is accepted for a uniform signature and unused (the map is deterministic). An adaptive solve that
-    needs more than ``max_num_steps`` steps raises.
+    needs more than ``max_num_steps`` steps raises. No adaptive step is longer than ``max_step`` log-SNR units
+    (``None``: no cap), as in :func:`scoredensity.ode.ode_log_likelihood`: the flow's features are about one
+    log-SNR unit wide, and an uncapped solver can accept one long step over the flat noisy end whose stages miss
+    them. The error norm is torchdiffeq's RMS over the batch (samples are judged in distribution, not one by one).
 
     Raises:
         scoredensity.ode.ODESolverError: the adaptive solver failed; the message names the tolerance.
@@ -232,6 +236,7 @@ def sample_ode(
         method=method,
         steps=steps,
         max_num_steps=max_num_steps,
+        max_step=max_step,
     )
     return y.to(x.dtype)
 
