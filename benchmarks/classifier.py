@@ -14,7 +14,8 @@ Comparisons between configurations are paired: the same points and seeds for bot
 then its mean ± standard error over the seeds.
 
 Run: python benchmarks/classifier.py [--quick] [--seeds 0 1 2] [--digits-runs DIR ...] [--write FILE]
-(``--seeds 0 1 2 --write docs/bench_classifier.md``: about 20 CPU-minutes at one thread, training included.)
+(``--seeds 0 1 2 --write docs/bench_classifier.md``: about 10 CPU-minutes at one thread, the training of three
+digits models included; 30 minutes wall on a shared 2-core machine under a load average of 8.)
 """
 
 from __future__ import annotations
