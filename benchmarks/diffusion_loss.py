@@ -409,23 +409,29 @@ def main(argv: list[str] | None = None) -> int:
     test = proc.sample(args.n_test, torch.Generator().manual_seed(10_000))
     exact = proc.log_prob(test).sum(1).double() / (d * proc.seq_len)  # [n] exact log p per dim
     print(f"exact held-out log-density {float(exact.mean()):.4f} nats/dim ({args.n_test} sequences)")
-    runs = [run_seed(args, proc, test, exact, s) for s in args.seeds]
+    u = proc.u.float()
 
-    if args.plot_path and "diffusion" in args.heads:
-        u = proc.u.float()
-        proj = lambda x: torch.stack([x[:, 1] @ u, x[:, 2] @ u], 1).numpy()  # noqa: E731
-        sets = [("data (held-out)", proj(test))]
-        for tau, s in sorted(runs[0]["heads"]["diffusion"].pop("scatter"), key=lambda t: -t[0]):
-            sets.append((f"DiffusionLoss samples, temperature {tau:g}", proj(s)))
-        save_scatter(args.plot_path, sets)
-    for r in runs:
-        r["heads"].get("diffusion", {}).pop("scatter", None)
+    def proj(x: Tensor):
+        return torch.stack([x[:, 1] @ u, x[:, 2] @ u], 1).numpy()
 
-    text = fragment(args, proc, exact, runs, command, time.perf_counter() - t_start)
-    write(args.write, text)
-    (out / "diffusion_loss.json").write_text(
-        json.dumps(dict(args=vars(args), exact_logp_per_dim=exact.tolist(), runs=runs), indent=1)
-    )
+    runs = []
+    for seed in args.seeds:
+        runs.append(run_seed(args, proc, test, exact, seed))
+        if args.plot_path and "scatter" in runs[-1]["heads"].get("diffusion", {}):
+            sets = [("data (held-out)", proj(test))]
+            for tau, smp in sorted(runs[-1]["heads"]["diffusion"].pop("scatter"), key=lambda t: -t[0]):
+                sets.append((f"DiffusionLoss samples, temperature {tau:g}", proj(smp)))
+            save_scatter(args.plot_path, sets)
+        # the fragment after every seed, so that a run stopped early leaves the seeds it finished (it says so)
+        text = fragment(args, proc, exact, runs, command, time.perf_counter() - t_start)
+        if len(runs) < len(args.seeds):
+            text += (
+                f"\n\nPartial: {len(runs)} of the {len(args.seeds)} requested seeds were done when this was written."
+            )
+        write(args.write, text)
+        (out / "diffusion_loss.json").write_text(
+            json.dumps(dict(args=vars(args), exact_logp_per_dim=exact.tolist(), runs=runs), indent=1)
+        )
     print(f"wrote {out / 'diffusion_loss.json'}")
     return 0
 
