@@ -16,9 +16,9 @@ sampling speed (tokens/s), and the exact log-density per dimension of generated 
 (a sample-quality check whose reference is the exact value on real data), for the diffusion head also at
 temperatures below 1 (the figures of ``examples/ar_diffusion_loss.py``).
 
-Run (about 3 CPU-minutes per seed at one thread)::
+Run (the fragment's run, ``--steps 1000``: 1381 s wall for three seeds on the shared 2-core machine at load 6-10)::
 
-    python benchmarks/diffusion_loss.py --seeds 0 1 2 --write docs/bench_diffusion_loss.md
+    python benchmarks/diffusion_loss.py --seeds 0 1 2 --steps 1000 --write docs/bench_diffusion_loss.md
 
 ``--quick``: a smoke run of a few seconds (60 steps, small test set; its figures mean nothing).
 """

@@ -30,7 +30,7 @@ network calls per image.
 
 Run::
 
-    python benchmarks/images.py --write docs/bench_images.md                    # about 5 CPU-minutes at one thread
+    python benchmarks/images.py --write docs/bench_images.md   # 1302 s wall at load about 10 on 2 cores, 541 s training
     python benchmarks/images.py --throughput-only --write docs/bench_images_throughput.md
 
 (300 training steps, cached under ``--out``; ``--quick``: 40 training steps and 16 images, about a minute.)
