@@ -16,19 +16,24 @@ Data: the first ``n`` test images of ``load_dataset("digits")`` (17 levels). Est
   the model's log-SNR range), with a Hutchinson trace (4 Rademacher probes; all ``n`` images) and
   with the exact trace (the first ``n_slow`` images); nats converted by ``bits_per_dim(nll, 64, levels=17)``.
 
-Matched standard error: every row reports the standard error of its mean over images (``se``: the spread of the
-per-image estimates, which includes the estimator's own noise) and the estimator's share alone (``est. se``). The
-budgets are chosen so the estimator's share is at or below the between-image spread of the formula rows (about
-0.15 bits/dim per image): ``n_t`` nodes for the formula, a few Hutchinson probes for the ODE; the DDPM ELBO
-cannot get there by sampling terms (its est. se at ``n_t`` terms is shown), so it also runs with all 1000 terms.
+Paired: every row is on the same images, and the dequantised rows (formula and both ODE traces) share the same
+dequantisation noise ``u`` per image (``evaluate_images``' keyed stream, reproduced here for the ODE), so the
+fragment gives per-image paired differences with their standard errors. ``se`` of a row is the standard error of
+its mean over images (the spread of the per-image estimates, the estimator's noise included); ``est. se`` is the
+estimator's share alone.
 
-Throughput: the formula estimator (``formula-dequantized`` through ``evaluate_images``) against a plain reference
-loop written here, which calls the diffusers ``UNet2DModel`` once per timestep per image (batch 1), and computes
-the same dequantised bound (uniform stratified log-SNR nodes, nearest timestep, exact end terms) with the same
-number of network calls per image.
+Throughput (``--throughput-only``, its own fragment docs/bench_images_throughput.md): the formula estimator
+(``formula-dequantized`` through ``evaluate_images``) against a plain reference loop written here, which calls the
+diffusers ``UNet2DModel`` once per timestep (per image, batch 1, or batched over the images), and computes the same
+dequantised bound (uniform stratified log-SNR nodes, nearest timestep, exact end terms) with the same number of
+network calls per image.
 
-Run: python benchmarks/images.py [--quick] [--out bench_out/images]   (default: about 5-6 minutes on 2 CPU cores,
-300 training steps; ``--quick``: about a minute). Prints a markdown table and writes ``results.json``.
+Run::
+
+    python benchmarks/images.py --write docs/bench_images.md   # 1302 s wall at load about 10 on 2 cores, 541 s training
+    python benchmarks/images.py --throughput-only --write docs/bench_images_throughput.md
+
+(300 training steps, cached under ``--out``; ``--quick``: 40 training steps and 16 images, about a minute.)
 """
 
 from __future__ import annotations
@@ -46,8 +51,14 @@ from pathlib import Path
 import torch
 
 import scoredensity as sd
+from scoredensity import rng
+from scoredensity.data.dataset import levels_to_unit_scale
+from scoredensity.eval_store import ResultStore
 from scoredensity.formula import end_terms
-from scoredensity.image_eval import evaluate_images
+from scoredensity.image_eval import evaluate_images, record_keys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fragment import paired_diff, pm, provenance, write  # noqa: E402
 
 LEVELS = 17
 
@@ -90,11 +101,16 @@ def _row(name: str, kind: str, bpd: torch.Tensor, est_se_per_image: torch.Tensor
 
 
 def run_formula_and_ddpm(eps, k: torch.Tensor, method: str, seed: int, **kw) -> dict:
+    """One method of ``evaluate_images``, with its per-image bits/dim (``per_image``) read from a result store."""
     t0 = time.perf_counter()
-    r = evaluate_images(eps, k, levels=LEVELS, methods=[method], seed=seed, progress=False, **kw)
+    store = ResultStore(record_keys([method]))
+    r = evaluate_images(eps, k, levels=LEVELS, methods=[method], seed=seed, progress=False, store=store, **kw)
     secs = time.perf_counter() - t0
     m = r["methods"][method]
-    n = r["n"]
+    n, d = r["n"], k[0].numel()
+    logp = store.table(0, torch.arange(n))[f"{method}/logp"]
+    bpd = -logp / (d * math.log(2)) + m.get("bpd_offset_dequantization", 0.0)
+    assert abs(float(bpd.mean()) - m["bpd"]) < 1e-9, (float(bpd.mean()), m["bpd"])
     return {
         "estimator": method,
         "kind": m["kind"],
@@ -107,7 +123,16 @@ def run_formula_and_ddpm(eps, k: torch.Tensor, method: str, seed: int, **kw) -> 
         "seconds_per_image": secs / n,
         "terms_bpd": m["terms_bpd"],
         "setting": {k2: m[k2] for k2 in ("n_t", "T", "steps_sampled", "variance") if k2 in m},
+        "per_image": bpd.tolist(),
     }
+
+
+def shared_dequantization(k: torch.Tensor, seed: int) -> torch.Tensor:
+    """The dequantised images ``evaluate_images`` scores with ``formula-dequantized`` (round 0, example ids
+    0..n-1): ``x = 2(k + u - 1/2)/(L-1) - 1`` with ``u`` from its keyed stream, so the ODE rows share ``u``."""
+    ids = torch.arange(k.shape[0])
+    u = rng.uniforms(seed, rng.Stream.DEQUANT, ids, k[0].numel(), step=0).reshape(k.shape)
+    return levels_to_unit_scale(k, LEVELS, u).float()
 
 
 def dequantize(k: torch.Tensor, seed: int) -> torch.Tensor:
@@ -116,19 +141,20 @@ def dequantize(k: torch.Tensor, seed: int) -> torch.Tensor:
     return (2 * (k.to(torch.float64) + u - 0.5) / (LEVELS - 1) - 1).float()
 
 
-def run_ode(eps, x: torch.Tensor, lam_range: tuple[float, float], trace: str, probes: int) -> dict:
+def run_ode(eps, x: torch.Tensor, lam_range: tuple[float, float], trace: str, probes: int, seed: int) -> dict:
     d = x[0].numel()
     kw = dict(trace=trace, rtol=1e-3, atol=1e-3, lam_min=lam_range[0], lam_max=lam_range[1])
     if trace == "hutchinson":
         kw["n_probes"] = probes
     t0 = time.perf_counter()
-    r = sd.ode_log_likelihood(eps, x, **kw)
+    r = sd.ode_log_likelihood(eps, x, seed=seed, example_ids=torch.arange(x.shape[0]), **kw)
     secs = time.perf_counter() - t0
     bpd = sd.bits_per_dim(-r.logp, d, levels=LEVELS).to(torch.float64)
     est = r.stderr.to(torch.float64).nan_to_num(0.0) / (d * math.log(2))
     name = "ode-exact" if trace == "exact" else f"ode-hutchinson-{probes}"
     row = _row(name, "dequantized", bpd, est, float(r.nfe), float(r.info["vjp"]), secs)
     row["setting"] = {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "trace": trace, "n_probes": kw.get("n_probes")}
+    row["per_image"] = bpd.tolist()
     return row
 
 
@@ -225,17 +251,113 @@ def throughput_markdown(throughput: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict], throughput: dict) -> str:
-    lines = [
-        "| estimator | kind | images | bits/dim | se | est. se | nfe/image | vjp/image | s/image |",
-        "|---|---|---|---|---|---|---|---|---|",
+def _pd(a: dict, b: dict, n: int | None = None) -> tuple[float, float, int]:
+    """Mean ± se of the per-image differences a - b on the first ``n`` images (default: all images of both)."""
+    n = min(len(a["per_image"]), len(b["per_image"])) if n is None else n
+    m, se = paired_diff(a["per_image"][:n], b["per_image"][:n])
+    return m, se, n
+
+
+def main_fragment(rows: dict, s: dict, info: dict, command: str, seconds: float) -> str:
+    """The main table, the paired differences and the findings, every number from the rows."""
+    fd, fq = rows["formula-dequantized"], rows["formula-discrete"]
+    dd, ds_ = rows["ddpm-all"], rows["ddpm-sampled"]
+    oh, oe = rows["ode-hutchinson"], rows["ode-exact"]
+    n, n_slow = fd["n"], oe["n"]
+    lo, hi = info["lam_range"]
+    L = [
+        provenance("benchmarks/images.py", command, seconds),
+        "",
+        f"Model: one U-Net (`--channels 16,32`), one training seed ({info['seed']}): trained {s['train_steps']} steps "
+        "by `scoredensity train --data digits --net unet` (elbo weighting, dequantised data), exported with "
+        "`scoredensity export` and loaded with `scoredensity.load_diffusers_eps` (diffusers `UNet2DModel`, "
+        f'`{info["prediction_type"]}`, 1000-step linear schedule, `timesteps="nearest"`, network only called on its '
+        f"trained range, log-SNR [{lo:.1f}, {hi:.1f}]); training and export took {info['train_s']:.0f} s of the wall "
+        f'time. Data: the first {n} test images of `load_dataset("digits")`, {LEVELS} levels; bits/dim of the '
+        f"{LEVELS}-level data. Every row is on the same images; the dequantised rows (formula and both ODE traces) "
+        "share the same dequantisation noise u per image (the keyed stream of `evaluate_images`), so the differences "
+        "below are paired per image.",
+        "",
+        f"Estimators: `formula-*`: `evaluate_images` with {s['n_t']} log-SNR nodes per image (plus its shared pilot "
+        "and, for the discrete bound, the decoder draws); `ddpm`: the 1000-step DDPM ELBO (`fixed_small`, the "
+        f"exported scheduler's), with {s['n_t']} sampled KL terms (about the formula's cost) and summing all 1000; "
+        f"`ode`: `ode_log_likelihood` (dopri5, rtol = atol = 1e-3, on the model's log-SNR range) with a Hutchinson "
+        f"trace ({s['probes']} Rademacher probes, all {n} images) and with the exact trace (the first {n_slow} "
+        "images), nats converted by `bits_per_dim(nll, 64, levels=17)`.",
+        "",
+        "Columns: `bits/dim` mean over images; `se` its standard error over images (the spread of the per-image "
+        "estimates, estimator noise included); `est. se` the estimator's own share; `nfe`/`vjp` network calls and "
+        "vector-Jacobian products per image; `s/image` wall-clock under the load of the provenance line (after a "
+        "warm-up call; compare costs by nfe/vjp). `prior` / `diffusion` / `reconstruction`: the terms of the bound in "
+        "bits/dim (costs) for the formula and DDPM rows.",
+        "",
+        "| estimator | kind | images | bits/dim | se | est. se | nfe/image | vjp/image | s/image | prior | diffusion "
+        "| reconstruction |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
+    for key in ("formula-dequantized", "formula-discrete", "ddpm-sampled", "ddpm-all", "ode-hutchinson", "ode-exact"):
+        r = rows[key]
+        t = r.get("terms_bpd")
+        terms = " | ".join(f"{t[v]:.3f}" if t else "" for v in ("prior", "diffusion", "reconstruction"))
+        L.append(
             f"| {r['estimator']} | {r['kind']} | {r['n']} | {r['bpd']:.3f} | {r['se']:.3f} | {r['est_se']:.3f} | "
-            f"{r['nfe']:.0f} | {r['vjp']:.0f} | {r['seconds_per_image']:.3f} |"
+            f"{r['nfe']:.0f} | {r['vjp']:.0f} | {r['seconds_per_image']:.3f} | {terms} |"
         )
-    return "\n".join(lines) + "\n\n" + throughput_markdown(throughput)
+    diffs = [
+        ("formula-discrete − formula-dequantized", _pd(fq, fd), "same images; the discrete bound uses no u"),
+        ("ode-hutchinson − formula-dequantized", _pd(oh, fd), "same images, same u"),
+        (f"ode-exact − formula-dequantized (first {n_slow})", _pd(oe, fd, n_slow), "same images, same u"),
+        (f"ode-hutchinson − ode-exact (first {n_slow})", _pd(oh, oe, n_slow), "same dequantised images"),
+        ("ddpm (all 1000) − formula-discrete", _pd(dd, fq), "same images, both discrete"),
+        (f"ddpm ({s['n_t']} sampled) − ddpm (all 1000)", _pd(ds_, dd), "same images"),
+    ]
+    L += [
+        "",
+        "Paired differences, bits/dim: mean of the per-image differences ± its standard error.",
+        "",
+        "| difference | images | mean ± se | pairing |",
+        "|---|---|---|---|",
+    ]
+    for name, (m, se, k), how in diffs:
+        L.append(f"| {name} | {k} | {pm(m, se)} | {how} |")
+    dq, ohf, oef, he, ddf, _ = (d[1] for d in diffs)
+    fnfe = f"{min(fd['nfe'], fq['nfe']):.0f}-{max(fd['nfe'], fq['nfe']):.0f}"
+
+    def share(r: dict) -> str:
+        return f"{100 * (r['est_se'] / r['se']) ** 2:.0f}%"
+
+    F = [
+        f"* Bounds of the exported U-Net on {n} images: {fd['bpd']:.2f} ± {fd['se']:.2f} bits/dim dequantised and "
+        f"{fq['bpd']:.2f} ± {fq['se']:.2f} discrete, at {fnfe} network calls per image; the discrete bound is "
+        f"{pm(dq[0], dq[1])} bits/dim above the dequantised one (paired over the {dq[2]} images). Terms (discrete vs "
+        f"dequantised): diffusion {fq['terms_bpd']['diffusion']:.2f} vs {fd['terms_bpd']['diffusion']:.2f}, "
+        f"reconstruction {fq['terms_bpd']['reconstruction']:.2f} vs {fd['terms_bpd']['reconstruction']:.2f} + "
+        f"log2(8) = {fd['terms_bpd']['reconstruction'] + math.log2((LEVELS - 1) / 2):.2f} bits/dim (the 17-level "
+        "bin offset): the discrete decoder at t_1 can at best give its bin probability 1 (0 bits), while the "
+        "dequantised Gaussian reconstruction credits a density. The network was trained on dequantised data, so "
+        "it never learns to snap to the lattice.",
+        f"* The probability-flow ODE (not a bound; the ODE model of the same network) on the same dequantised images: "
+        f"ode-hutchinson − formula-dequantized {pm(ohf[0], ohf[1])} bits/dim ({ohf[2]} images), ode-exact − "
+        f"formula-dequantized {pm(oef[0], oef[1])} ({oef[2]} images). Hutchinson with {s['probes']} probes against "
+        f"the exact trace on the same images: {pm(he[0], he[1])} bits/dim ({he[2]} images). Cost: "
+        f"{oh['nfe']:.0f} calls + {oh['vjp']:.0f} vjps per image (Hutchinson) and {oe['nfe']:.0f} + {oe['vjp']:.0f} "
+        f"(exact trace) against {fd['nfe']:.0f} calls for the formula.",
+        f"* The DDPM ELBO (fixed_small, all 1000 terms, {dd['nfe']:.0f} calls per image) is {pm(ddf[0], ddf[1])} "
+        f"bits/dim above the formula's discrete bound on the same images. Sampling {s['n_t']} of its terms "
+        f"({ds_['nfe']:.0f} calls) gives se {ds_['se']:.3f} ({ds_['se'] / fq['se']:.1f}x the discrete formula's "
+        f"{fq['se']:.3f} at {fq['nfe']:.0f} calls; est. se {ds_['est_se']:.3f}).",
+        f"* Standard errors over {n} images: formula dequantised {fd['se']:.3f} and discrete {fq['se']:.3f}, "
+        f"full-sum DDPM {dd['se']:.3f}, Hutchinson ODE {oh['se']:.3f} bits/dim; the estimator's share of the "
+        f"variance of the mean (est. se² / se²): {share(fd)}, {share(fq)}, {share(dd)}, {share(oh)}, the rest is "
+        "the spread between images. The rows estimate different quantities, so equal se does not mean equal cost "
+        "for the same quantity (calls to a target estimator se: the target-se benchmark).",
+        f"* The full-sum DDPM ELBO's stated estimator se ({dd['est_se']:.3f}) is "
+        f"{dd['est_se'] / dd['se']:.1f}x its total se over images ({dd['se']:.3f})"
+        + (", so its per-image error bars overstate the noise here." if dd["est_se"] > dd["se"] else "."),
+    ]
+    return "\n".join(
+        L + ["", "Findings (computed by the script from the rows above; one model, one training seed):", ""] + F
+    )
 
 
 def throughput(eps, k: torch.Tensor, n_t: int, lam_range: tuple[float, float], seed: int) -> dict:
@@ -260,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_out/images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--throughput-only", action="store_true", help="only the throughput table (the same U-Net)")
-    p.add_argument("--write", default=None, help="with --throughput-only: write the markdown fragment to this file")
+    p.add_argument("--write", default=None, help="write the markdown fragment (main table or --throughput-only) here")
     args = p.parse_args(argv)
     s = SETTINGS["quick" if args.quick else "default"]
     out = Path(args.out) / ("quick" if args.quick else "default")
@@ -303,39 +425,29 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.write).write_text(text)
         return 0
 
-    rows = []
-    rows.append(run_formula_and_ddpm(eps, k, "formula-dequantized", args.seed, n_t=n_t))
-    rows.append(run_formula_and_ddpm(eps, k, "formula-discrete", args.seed, n_t=n_t))
-    rows.append(run_formula_and_ddpm(eps, k, "ddpm", args.seed, ddpm_steps=n_t))
-    rows[-1]["estimator"] = f"ddpm ({n_t} of 1000 terms sampled)"
-    rows.append(run_formula_and_ddpm(eps, k, "ddpm", args.seed, ddpm_steps=None))
-    rows[-1]["estimator"] = "ddpm (all 1000 terms)"
-    x = dequantize(k, args.seed + 1)
-    rows.append(run_ode(eps, x, lam_range, "hutchinson", s["probes"]))
-    rows.append(run_ode(eps, x[slow], lam_range, "exact", 0))
-    # the same images as the exact-trace ODE, for a paired look at the slow row
-    rows.append(run_ode(eps, x[slow], lam_range, "hutchinson", s["probes"]))
-    rows[-1]["estimator"] += f" (first {s['n_slow']})"
-    rows.append(run_formula_and_ddpm(eps, k[slow], "formula-dequantized", args.seed, n_t=n_t))
-    rows[-1]["estimator"] = f"formula-dequantized (first {s['n_slow']})"
-    rows.append(run_formula_and_ddpm(eps, k[slow], "formula-discrete", args.seed, n_t=n_t))
-    rows[-1]["estimator"] = f"formula-discrete (first {s['n_slow']})"
-
-    # throughput at the same network calls per image
-    tp = throughput(eps, k[: s["naive_n"]], n_t, lam_range, args.seed)
-
-    table = markdown(rows, tp)
-    print(table)
+    command = "python benchmarks/images.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    run_formula_and_ddpm(eps, k[:2], "formula-dequantized", args.seed, n_t=8)  # one-off first-call costs
+    rows = {}
+    rows["formula-dequantized"] = run_formula_and_ddpm(eps, k, "formula-dequantized", args.seed, n_t=n_t)
+    rows["formula-discrete"] = run_formula_and_ddpm(eps, k, "formula-discrete", args.seed, n_t=n_t)
+    rows["ddpm-sampled"] = run_formula_and_ddpm(eps, k, "ddpm", args.seed, ddpm_steps=n_t)
+    rows["ddpm-sampled"]["estimator"] = f"ddpm ({n_t} of 1000 terms sampled)"
+    rows["ddpm-all"] = run_formula_and_ddpm(eps, k, "ddpm", args.seed, ddpm_steps=None)
+    rows["ddpm-all"]["estimator"] = "ddpm (all 1000 terms)"
+    x = shared_dequantization(k, args.seed)  # the u of formula-dequantized
+    rows["ode-hutchinson"] = run_ode(eps, x, lam_range, "hutchinson", s["probes"], args.seed)
+    rows["ode-exact"] = run_ode(eps, x[slow], lam_range, "exact", 0, args.seed)
+    info = {"seed": args.seed, "lam_range": lam_range, "prediction_type": eps.prediction_type, "train_s": t_train}
+    text = main_fragment(rows, s, info, command, time.perf_counter() - t_start)
+    write(args.write, text)
     result = {
         "settings": {**s, "quick": args.quick, "seed": args.seed, "levels": LEVELS, "lam_range": lam_range},
         "model": {"pipeline": str(pipe), "source": eps.source, "prediction_type": eps.prediction_type},
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "seconds": {"train_and_export": t_train, "total": time.perf_counter() - t_start},
         "rows": rows,
-        "throughput": tp,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "table.md").write_text(table + "\n")
     print(f"\nwrote {out / 'results.json'} ({result['seconds']['total']:.0f} s in all, {t_train:.0f} s training)")
     return 0
 
