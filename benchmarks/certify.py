@@ -326,8 +326,8 @@ def findings(mix: dict, spread: dict | None, neural: dict | None, big_t: int) ->
                 comp.append(f"{n} {a.split()[0]}: {pme(m, se)}")
     if comp:
         out.append(
-            f"- Paired over seeds, the T=10 and T=100 fixed_large fits cost more than T={big_t} "
-            f"(difference of training NLL): {'; '.join(comp)}."
+            f"- Training NLL of the T=10 and T=100 fixed_large fits minus that of the T={big_t} fit, paired over "
+            f"seeds: {'; '.join(comp)}."
         )
     comp = [
         f"{n} {pme(*s['paired'][(f'T={big_t} fixed_small', f'T={big_t} fixed_large')])}"
@@ -338,8 +338,8 @@ def findings(mix: dict, spread: dict | None, neural: dict | None, big_t: int) ->
         gaps = [s["gap"][f"T={big_t} fixed_small"][0] for s in mix.values() if f"T={big_t} fixed_small" in s["gap"]]
         out.append(
             f"- The fixed_small loss sits {rng(gaps)} nats above the exact test NLL at its own fit (T={big_t}, mean "
-            f"over seeds), yet its fit is about as close to EM as fixed_large's: paired difference fixed_small - "
-            f"fixed_large at T={big_t}: {'; '.join(comp)}."
+            f"over seeds); the training NLL of its fit minus that of the fixed_large fit at T={big_t}, paired over "
+            f"seeds: {'; '.join(comp)}."
         )
     gl = []
     for t in (10, 100, 1000):
@@ -377,13 +377,13 @@ def findings(mix: dict, spread: dict | None, neural: dict | None, big_t: int) ->
             f"by {f(st['ddpm']['ode'])} and {f(st['simple']['ode'])}. On that range the three bounds sit "
             f"{', '.join(format(st[k]['grid_exact'][0], '+.3f') for k, _ in NEURAL)} (elbo, ddpm, simple) "
             f"above the exact NLL; on [-12, 12] {', '.join(format(st[k]['exact'][0], '+.3f') for k, _ in NEURAL)}: "
-            "the discrete ELBO trains no denoiser beyond its own grid's log-SNR range."
+            "the DDPM-ELBO and simple losses never train the denoiser above the grid's largest log-SNR."
         )
     out.append("")
     return out
 
 
-def render(args, units: dict, spread, neural, seconds: float) -> str:
+def render(args, units: dict, spread, neural, seconds: float, reused: int = 0) -> str:
     big_t = max(args.steps)
     md = [
         "# Certifying ELBO training",
@@ -413,7 +413,14 @@ def render(args, units: dict, spread, neural, seconds: float) -> str:
             if "digits-pca2" in args.data
             else ""
         )
-        + ".",
+        + "."
+        + (
+            f" {reused} of the units below (one data set and seed, the spread, the neural part) were computed by an "
+            "earlier invocation and read back from its `--out`/units.json (`--resume`); the wall time above adds "
+            "theirs."
+            if reused
+            else ""
+        ),
         "",
     ]
     mix = {}
@@ -446,6 +453,10 @@ def render(args, units: dict, spread, neural, seconds: float) -> str:
         sec, st = neural_section(neural)
         md += sec
         nstats = {"stats": st, "unit": neural}
+    elif args.neural_steps > 0:
+        md += ["### Neural denoisers on ring8: not run (interrupted)", ""]
+    else:
+        md += ["### Neural denoisers on ring8: not run in this invocation (`--neural-steps 0`)", ""]
     md += findings(mix, spread, nstats, big_t)
     return "\n".join(md)
 
@@ -481,14 +492,16 @@ def main() -> None:
     units = {tuple(k.split("|")[:2]): v for k, v in store.items() if k.split("|")[0] in K}
     units = {(n, int(s)): v for (n, s), v in units.items()}
     spread, neural = store.get("spread"), store.get("neural")
-    prior = sum(v["wall"] for k, v in store.items() if isinstance(v, dict) and "wall" in v)
+    units = {key: u for key, u in units.items() if key[0] in args.data}
+    earlier = [*units.values(), *(u for u in (spread, neural) if u)]
+    prior, reused = sum(u["wall"] for u in earlier), len(earlier)
     t_start = time.perf_counter()
 
     def save_and_render():
         store.update({f"{n}|{s}": u for (n, s), u in units.items()})
         store["spread"], store["neural"] = spread, neural
         cache.write_text(json.dumps(store, indent=1))
-        write(args.write, render(args, units, spread, neural, prior + time.perf_counter() - t_start))
+        write(args.write, render(args, units, spread, neural, prior + time.perf_counter() - t_start, reused))
 
     png_dir = Path(args.write).parent if args.write else out
     for name in args.data:
@@ -513,8 +526,7 @@ def main() -> None:
     if args.neural_steps > 0 and neural is None:
         neural = neural_unit(4 * args.n, args.neural_steps, 100 if args.quick else 500, args.neural_seed)
         save_and_render()
-    if not args.write:
-        save_and_render()
+    save_and_render()
 
 
 if __name__ == "__main__":
