@@ -14,8 +14,8 @@ from scoredensity.train import TrainConfig, _lr_at, train
 
 def test_ring8_bound_within_0p2_nats_of_exact(tmp_path, capsys):
     torch.set_num_threads(1)
-    # measured (benchmarks/training.py, docs/benchmarks.md): 2000-2500 steps of batch 512 give gaps of
-    # -0.01..0.04 nats over seeds; 0.2 leaves a wide margin. About 30-40 s on one core.
+    # 1200 steps of batch 512 leave 0.04-0.13 nats over 3 seeds (docs/bench_training_ring8.md); this test trains
+    # 2000 steps and allows 0.2. About 30-40 s on one core.
     cfg = TrainConfig(
         steps=2000, batch_size=512, lr=4e-3, seed=0, eval_n=0, checkpoint_every=10**9, log_every=500, device="cpu"
     )
