@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
+from _fragment import provenance, write
 from _tiny_unet import perturbed_tiny_unet
 
 from scoredensity.formula import log_density
@@ -29,6 +29,8 @@ from scoredensity.logdensity import LogDensity
 from scoredensity.losses import LamSampler, dsm_loss
 from scoredensity.mixtures import mixture_preset
 from scoredensity.nets import MLPDenoiser
+
+OUT = "docs/precision.md"
 
 
 def trained_mlp(device: str, steps: int = 400) -> torch.nn.Module:
@@ -88,9 +90,10 @@ def compare(name: str, run) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default="docs/precision.md")
+    ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     dev = args.device
+    t0 = time.perf_counter()
     rows = []
     net = trained_mlp(dev)
     x = mixture_preset("ring8").sample(512, generator=torch.Generator().manual_seed(5)).float().to(dev)
@@ -109,17 +112,20 @@ def main() -> None:
     lines = [
         "# bf16 against fp32 (density formula)",
         "",
-        f"Written by `benchmarks/precision.py --device {dev}` on {device_name}; same seed for both precisions.",
+        provenance(
+            "benchmarks/precision.py",
+            f"python benchmarks/precision.py --device {dev}" + (f" --out {args.out}" if args.out != OUT else ""),
+            time.perf_counter() - t0,
+        ),
+        "",
+        f"Device: {device_name}; same seed for both precisions. The seconds column is wall-clock under the load above.",
         "",
         "| " + " | ".join(keys) + " |",
         "|" + "---|" * len(keys),
         *("| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write(args.out, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Every benchmark figure the README quotes is traceable to a fragment written by a script (issue: figures are
-never copied by hand). A README table row or bullet that names a fragment `docs/bench_*.md` may quote only numbers
-that appear in that fragment; every fragment names the script and the command that wrote it."""
+never copied by hand). A README table row, bullet or paragraph that names a fragment (`docs/bench_*.md`,
+`docs/precision.md`) may quote only numbers that appear in it; every fragment names the script and the command
+that wrote it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-FRAGMENTS = sorted((ROOT / "docs").glob("bench_*.md"))
-CITE = re.compile(r"docs/(bench_[\w]+\.md)")
+FRAGMENTS = sorted((ROOT / "docs").glob("bench_*.md")) + [ROOT / "docs" / "precision.md"]
+CITE = re.compile(r"docs/(bench_[\w]+\.md|precision\.md)")
 # a decimal figure (not part of a word or a version number), e.g. 0.0286, 1.33, 2.15
 NUMBER = re.compile(r"(?<![\w.])(\d+\.\d+)(?![\w.]*\d)")
 
