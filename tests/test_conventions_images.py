@@ -74,7 +74,7 @@ def test_score_sde_equals_the_direct_ode_with_matched_dequantisation():
 def test_conventions_beyond_the_trained_range_or_with_other_methods_are_refused():
     eps = DiffusersEps(tiny_unet(channels=1), NARROW)  # log-SNR up to about 9.2 < 13.3
     images = _images()
-    with pytest.raises(ValueError, match=r"log-SNR range \[-5, 13.3\].*trained range"):
+    with pytest.raises(ValueError, match=r"log-SNR range \[-5, 13.3\].*trained range.*--clip-convention-range"):
         evaluate_images(eps, images, methods=("formula-discrete",), convention="vdm", progress=False)
     with pytest.raises(ValueError, match=r"log-SNR range \[-10.05, 13.8.*trained range"):
         evaluate_images(eps, images, methods=("ode-dequantized",), convention="score-sde", progress=False)
@@ -82,6 +82,33 @@ def test_conventions_beyond_the_trained_range_or_with_other_methods_are_refused(
         evaluate_images(eps, images, convention="vdm", progress=False)
     with pytest.raises(ValueError, match="'ode-dequantized' only"):
         evaluate_images(eps, images, methods=("formula-dequantized",), convention="score-sde", progress=False)
+
+
+def test_clip_convention_range_evaluates_the_intersection_and_says_so():
+    # a standard-range model (log-SNR up to about 9.2) under vdm: refused by default, on the intersection of the
+    # ranges with convention_range="clip", labelled, and equal to the direct call on that range
+    eps = DiffusersEps(tiny_unet(channels=1), NARROW)
+    images = _images()
+    m_lo, m_hi = eps.lam_range
+    kw = dict(methods=("formula-discrete",), convention="vdm", n_t=8, progress=False)
+    res = evaluate_images(eps, images, convention_range="clip", **kw)
+    lo, hi = res["lam_range"]
+    assert lo == -5.0 and hi == pytest.approx(m_hi) and hi < 13.3
+    r = res["methods"]["formula-discrete"]
+    assert r["convention"].startswith("vdm+lam_range=[") and res["settings"]["convention_clipped"]
+    x = (2 * (images.double() + 0.5) / 256 - 1).float()
+    prop = fit_proposal(eps, x, lam_min=lo, lam_max=hi, seed=0, pilot_examples=16, pilot_nodes=8)
+    direct = log_density(
+        eps, x, convention="vdm", lam_min=lo, lam_max=hi, n_t=8, importance=prop, control_variate=None,
+        example_ids=round_keys(torch.arange(N), 0),
+    )  # fmt: skip
+    assert direct.info["lam_max"] == pytest.approx(hi)
+    assert r["nll_nats"] == pytest.approx(float(-direct.logp.mean()), rel=1e-6)
+    # a wide-range model is not clipped: the published figure, unlabelled
+    wide = evaluate_images(DiffusersEps(tiny_unet(channels=1), WIDE), images, convention_range="clip", **kw)
+    assert wide["lam_range"] == [-5.0, 13.3] and wide["methods"]["formula-discrete"]["convention"] == "vdm"
+    with pytest.raises(ValueError, match="convention_range must be one of"):
+        evaluate_images(eps, images, convention_range="extend", **kw)
 
 
 def test_ode_dequantized_without_a_convention_uses_the_library_grid_and_offset():
@@ -138,3 +165,25 @@ def test_cli_convention_vdm_picks_its_method_and_lists_its_choices(tmp_path, cap
     out = _eval_cli(capsys, "--diffusers", tmp_path / "p", "--images", tmp_path / "x.npy", "--convention", "vdm")
     assert list(out["methods"]) == ["formula-discrete"] and out["convention"] == get_convention("vdm").as_dict()
     assert out["methods"]["formula-discrete"]["convention"] == "vdm" and out["lam_range"] == [-5.0, 13.3]
+
+
+def test_cli_clip_convention_range(tmp_path, capsys):
+    import diffusers
+    import numpy as np
+    from test_evaluate_scale import _eval_cli
+
+    from scoredensity.cli import main
+
+    diffusers.DDPMPipeline(unet=tiny_unet(channels=1), scheduler=diffusers.DDPMScheduler(**NARROW)).save_pretrained(
+        tmp_path / "p"
+    )
+    np.save(tmp_path / "x.npy", _images()[:, 0].numpy().astype(np.uint8))
+    src = ["--diffusers", tmp_path / "p", "--images", tmp_path / "x.npy"]
+    base = ["evaluate", *map(str, src), "--n-t", "4", "--json", "--no-progress"]
+    assert main([*base, "--convention", "vdm"]) == 2  # refused, naming the option that would clip
+    assert "--clip-convention-range" in capsys.readouterr().err
+    out = _eval_cli(capsys, *src, "--convention", "vdm", "--clip-convention-range")
+    assert out["methods"]["formula-discrete"]["convention"].startswith("vdm+lam_range=[-5, ")
+    assert out["lam_range"][1] < 13.3
+    assert main([*base, "--clip-convention-range"]) == 2  # without a convention it means nothing: refused
+    assert "--clip-convention-range applies to --convention" in capsys.readouterr().err

@@ -61,6 +61,8 @@ IMAGE_METHODS = ("formula-discrete", "formula-dequantized", "ddpm", "ode-dequant
 # the ODE method's trace: exact (d vjps per call) or Hutchinson with ODE_PROBES Gaussian probes (an honest stderr)
 ODE_TRACES = ("exact", "hutchinson")
 ODE_PROBES = 8
+# what evaluate_images does when a convention's log-SNR range exceeds the model's trained range
+CONVENTION_RANGES = ("refuse", "clip")
 DEFAULT_IMAGE_METHODS = ("formula-discrete", "formula-dequantized", "ddpm")
 """The methods evaluated when none are named (the probability-flow ODE is opt-in: it costs far more)."""
 CONVENTION_METHODS = {"vdm": ("formula-discrete",), "score-sde": ("ode-dequantized",)}
@@ -165,6 +167,8 @@ class ImageEvalSettings:
     convention: dict | None = None
     ode_tol: float = 1e-5
     ode_trace: str = "exact"
+    convention_range: str = "refuse"
+    convention_clipped: bool = False
 
     def as_dict(self) -> dict:
         """JSON-serialisable settings (the schedule as its number of steps)."""
@@ -191,6 +195,7 @@ def image_eval_settings(
     convention: str | Convention | None = None,
     ode_tol: float = 1e-5,
     ode_trace: str = "exact",
+    convention_range: str = "refuse",
 ) -> ImageEvalSettings:
     """Check the options of :func:`evaluate_images` against the model and the images; fill in the model's own
     range, schedule and variance. Raises ``ValueError``/``TypeError`` naming the offending option."""
@@ -216,6 +221,8 @@ def image_eval_settings(
         raise ValueError(f"ode_tol must be a number in (0, 1) (rtol = atol of the ODE solver), got {ode_tol!r}")
     if ode_trace not in ODE_TRACES:
         raise ValueError(f"ode_trace must be one of {ODE_TRACES}, got {ode_trace!r}")
+    if convention_range not in CONVENTION_RANGES:
+        raise ValueError(f"convention_range must be one of {CONVENTION_RANGES}, got {convention_range!r}")
     if t_range is None:
         t_range = getattr(eps_fn, "t_range", None)
         if t_range is None:
@@ -245,8 +252,10 @@ def image_eval_settings(
             )
     else:
         schedule, variance = None, None
+    clipped = False
     if conv is not None and conv.lam_range is not None:
-        lam_min, lam_max = _convention_lam_range(eps_fn, conv, (lam_min, lam_max))
+        lam_min, lam_max = _convention_lam_range(eps_fn, conv, (lam_min, lam_max), clip=convention_range == "clip")
+        clipped = (lam_min, lam_max) != tuple(conv.lam_range)
     return ImageEvalSettings(
         levels=int(levels),
         methods=methods,
@@ -264,6 +273,8 @@ def image_eval_settings(
         convention=None if conv is None else conv.as_dict(),
         ode_tol=float(ode_tol),
         ode_trace=ode_trace,
+        convention_range=convention_range,
+        convention_clipped=clipped,
     )
 
 
@@ -297,16 +308,22 @@ def _check_convention(convention, methods: Sequence[str], levels: int) -> Conven
     return conv
 
 
-def _convention_lam_range(eps_fn: EpsFn, conv: Convention, trained: tuple[float, float]) -> tuple[float, float]:
+def _convention_lam_range(
+    eps_fn: EpsFn, conv: Convention, trained: tuple[float, float], *, clip: bool = False
+) -> tuple[float, float]:
     """The convention's log-SNR range, checked to lie within the model's trained range (``eps_fn.lam_range``,
-    else the range of its ``t_range``). Raises ``ValueError`` naming both ranges."""
+    else the range of its ``t_range``). Beyond it: ``ValueError`` naming both ranges, or with ``clip`` their
+    intersection (then the figure is no longer the convention's own, and the result says so)."""
     lo, hi = conv.lam_range
     model = getattr(eps_fn, "lam_range", None)
     m_lo, m_hi = (float(v) for v in (model if model is not None else trained))
     if lo < m_lo - 1e-9 or hi > m_hi + 1e-9:
+        if clip and max(lo, m_lo) < min(hi, m_hi):
+            return max(lo, m_lo), min(hi, m_hi)
         raise ValueError(
             f"convention {conv.name!r} needs the log-SNR range [{lo:.4g}, {hi:.4g}], beyond the model's trained range "
             f"[{m_lo:.4g}, {m_hi:.4g}]: the network would be called where it was not trained"
+            + ("" if clip else "; convention_range='clip' (--clip-convention-range) evaluates on their intersection")
         )
     return lo, hi
 
@@ -359,6 +376,7 @@ def _block_records(
                 eps_fn,
                 x,
                 convention="vdm",
+                **({"lam_min": s.lam_min, "lam_max": s.lam_max} if s.convention_clipped else {}),
                 n_t=s.n_t,
                 importance=proposal,
                 control_variate=None,
@@ -383,8 +401,8 @@ def _block_records(
                     atol=s.ode_tol,
                     trace=s.ode_trace,
                     **({"probe": "gaussian", "n_probes": ODE_PROBES} if s.ode_trace == "hutchinson" else {}),
-                    lam_min=None if conv == "score-sde" else s.lam_min,
-                    lam_max=None if conv == "score-sde" else s.lam_max,
+                    lam_min=None if conv == "score-sde" and not s.convention_clipped else s.lam_min,
+                    lam_max=None if conv == "score-sde" and not s.convention_clipped else s.lam_max,
                     seed=s.seed,
                     example_ids=keys,
                     precision=s.precision,
@@ -471,6 +489,8 @@ def _method_figures(tables: list[dict[str, Tensor]], m: str, d: int, s: ImageEva
             fig["convention"] = c["name"] + ("" if s.variance == c["variance"] else f"+variance={s.variance}")
     if conv is not None and conv["name"] in CONVENTION_METHODS:
         fig["convention"] = conv["name"]
+        if s.convention_clipped:  # no longer the published figure: name the change, as the estimators do
+            fig["convention"] += f"+lam_range=[{s.lam_min:.4g}, {s.lam_max:.4g}]"
         fig["grid"] = conv["grid"]
     return fig
 
@@ -498,6 +518,7 @@ def evaluate_images(
     convention: str | Convention | None = None,
     ode_tol: float = 1e-5,
     ode_trace: str = "exact",
+    convention_range: str = "refuse",
     progress: bool = True,
 ) -> dict:
     """Bits per dimension of integer images under a canonical-time model, by several estimators.
@@ -536,11 +557,15 @@ def evaluate_images(
             ``"vdm"`` (method ``formula-discrete`` only: levels at ``2(k + 1/2)/256 - 1``, categorical decoder,
             log-SNR [-5, 13.3], no offset), ``"score-sde"`` (method ``ode-dequantized`` only: ``2(k + u)/256 - 1``,
             log-SNR [-10.05, 13.82], bits/dim + 7) or ``"scoredensity"``. vdm and score-sde are refused when
-            their log-SNR range exceeds the model's trained range (``eps_fn.lam_range``).
+            their log-SNR range exceeds the model's trained range (``eps_fn.lam_range``), unless
+            ``convention_range="clip"``.
             The result names it and lists its choices; ``None``: the defaults above.
         ode_tol: ``rtol = atol`` of the ``ode-dequantized`` method's adaptive solver (dopri5; every image meets it).
         ode_trace: its trace: ``"exact"`` (one vjp per dimension per call: costly for large images) or
             ``"hutchinson"`` (:data:`ODE_PROBES` Gaussian probes per image; their spread enters the standard error).
+        convention_range: ``"refuse"`` (default) or ``"clip"``: evaluate vdm / score-sde on the intersection of the
+            convention's log-SNR range and the model's trained range. The figure is then not the published one: each
+            method's ``convention`` reads e.g. ``"vdm+lam_range=[-5, 9.21]"``.
         progress: a progress bar on a terminal, else periodic plain lines on stderr.
 
     Returns:
@@ -569,6 +594,7 @@ def evaluate_images(
         convention=convention,
         ode_tol=ode_tol,
         ode_trace=ode_trace,
+        convention_range=convention_range,
     )
     batch_size = check_int("batch_size", batch_size, 1)
     max_rounds = check_int("max_rounds", max_rounds, 2 if target_se is not None else 1)
