@@ -394,12 +394,17 @@ def fragment_a(rows: list[dict], points: dict, seeds: list[int], header: str) ->
             f"minus elbo + uniform in log-SNR: {', '.join(f'{x:+.3f}' for x in dd)} per seed "
             f"(mean {pm(*mean_se(dd))})."
         )
+    lines.append(_wall_time_finding(rows))
+    return "\n".join(lines)
+
+
+def _wall_time_finding(rows: list[dict]) -> str:
+    """The findings line on training wall time (for orientation: it depends on the load)."""
     secs = [r["seconds"] for r in rows]
-    lines.append(
+    return (
         f"- Training wall time {min(secs):.0f}-{max(secs):.0f} s per run (wall-clock under the load printed above; "
         "for orientation only)."
     )
-    return "\n".join(lines)
 
 
 def fragment_b(rows: list[dict], header: str) -> str:
@@ -478,11 +483,7 @@ def fragment_b(rows: list[dict], header: str) -> str:
                 f"- [-1, 1] minus logit for the diffusion model: {', '.join(f'{x:+.3f}' for x in dd)} bits/dim "
                 f"(seed{'s' if len(common) > 1 else ''} {', '.join(map(str, common))})."
             )
-    secs = [r["seconds"] for r in rows]
-    lines.append(
-        f"- Training wall time {min(secs):.0f}-{max(secs):.0f} s per run (wall-clock under the load printed above; "
-        "for orientation only)."
-    )
+    lines.append(_wall_time_finding(rows))
     return "\n".join(lines)
 
 
