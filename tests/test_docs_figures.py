@@ -52,6 +52,15 @@ def test_every_fragment_the_docs_cite_exists():
         assert (ROOT / "docs" / name).is_file(), f"the docs cite docs/{name}, which does not exist"
 
 
+def _roundings(text: str) -> set[str]:
+    """Every decimal number of ``text`` (sign dropped), written with 1 to its own number of decimals."""
+    out: set[str] = set()
+    for num in re.findall(r"\d+\.\d+", text):
+        value, places = float(num), len(num.split(".")[1])
+        out.update(f"{value:.{k}f}" for k in range(1, places + 1))
+    return out
+
+
 @pytest.mark.parametrize("block, names", _citing_blocks(), ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_readme_figures_appear_in_the_fragment_they_cite(block, names):
     """A quoted figure may be rounded (0.2946 -> 0.29) but must be one of the fragment's numbers."""
