@@ -369,23 +369,23 @@ def _block_records(
     grid = levels_to_unit_scale(k, s.levels).float()
     conv = None if s.convention is None else s.convention["name"]
     out: dict[str, Tensor] = {}
+    # every estimator: keyed by (seed, example, round), on the settings' precision and rows per call; the formula
+    # rows also share the range, budget and pilot proposal. Under vdm / score-sde, s.lam_min/lam_max are the
+    # convention's own range (or its clipped one, which the estimators then name in their info)
+    keyed = dict(seed=s.seed, example_ids=keys, precision=s.precision, max_batch=s.max_batch)
+    formula = dict(
+        lam_min=s.lam_min,
+        lam_max=s.lam_max,
+        n_t=s.n_t,
+        importance=proposal,
+        control_variate=None,
+        progress=False,
+        **keyed,
+    )
     for m in s.methods:
         if conv == "vdm":  # VDM's grid 2(k + 1/2)/L - 1 and categorical decoder; the convention's log-SNR range
             x = (2 * (k.double() + 0.5) / s.levels - 1).float()
-            r = log_density(
-                eps_fn,
-                x,
-                convention="vdm",
-                **({"lam_min": s.lam_min, "lam_max": s.lam_max} if s.convention_clipped else {}),
-                n_t=s.n_t,
-                importance=proposal,
-                control_variate=None,
-                seed=s.seed,
-                example_ids=keys,
-                precision=s.precision,
-                max_batch=s.max_batch,
-                progress=False,
-            )
+            r = log_density(eps_fn, x, convention="vdm", **formula)
         elif m == "ode-dequantized":
             u = rng.uniforms(s.seed, rng.Stream.DEQUANT, ids, d, step=round_, device=device).reshape(k.shape)
             if conv == "score-sde":  # score_sde's grid: (255 x + u)/256 on [0, 1], i.e. bins of 2/256 on [-1, 1]
@@ -401,13 +401,10 @@ def _block_records(
                     atol=s.ode_tol,
                     trace=s.ode_trace,
                     **({"probe": "gaussian", "n_probes": ODE_PROBES} if s.ode_trace == "hutchinson" else {}),
-                    lam_min=None if conv == "score-sde" and not s.convention_clipped else s.lam_min,
-                    lam_max=None if conv == "score-sde" and not s.convention_clipped else s.lam_max,
-                    seed=s.seed,
-                    example_ids=keys,
-                    precision=s.precision,
-                    max_batch=s.max_batch,
+                    lam_min=s.lam_min,
+                    lam_max=s.lam_max,
                     progress=False,
+                    **keyed,
                 )
         elif m == "ddpm":
             r = ddpm_elbo(
@@ -419,31 +416,16 @@ def _block_records(
                 decoder="discretized",
                 levels=s.levels,
                 n_steps_sampled=s.ddpm_steps,
-                seed=s.seed,
-                example_ids=keys,
-                precision=s.precision,
-                max_batch=s.max_batch,
+                **keyed,
             )
         else:
-            common = dict(
-                lam_min=s.lam_min,
-                lam_max=s.lam_max,
-                n_t=s.n_t,
-                seed=s.seed,
-                importance=proposal,
-                control_variate=None,
-                progress=False,
-                example_ids=keys,
-                precision=s.precision,
-                max_batch=s.max_batch,
-            )
             if m == "formula-discrete":
                 r = log_density(
-                    eps_fn, grid, decoder="discretized", levels=s.levels, decoder_draws=s.decoder_draws, **common
+                    eps_fn, grid, decoder="discretized", levels=s.levels, decoder_draws=s.decoder_draws, **formula
                 )
             else:
                 u = rng.uniforms(s.seed, rng.Stream.DEQUANT, ids, d, step=round_, device=device).reshape(k.shape)
-                r = log_density(eps_fn, levels_to_unit_scale(k, s.levels, u).float(), **common)
+                r = log_density(eps_fn, levels_to_unit_scale(k, s.levels, u).float(), **formula)
         nfe = torch.full_like(r.logp, float(r.nfe), dtype=torch.float64)
         vals = {"logp": r.logp, "stderr": r.stderr, "nfe": nfe, **vdm_terms(r, m, d, s.lam_min, s.lam_max)}
         for v in _VALUES:

@@ -227,8 +227,6 @@ def ode_log_likelihood(
     steps = check_int("steps", steps, allow_none=True)
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
-    if max_step is not None and not max_step > 0:
-        raise ValueError(f"max_step must be positive (log-SNR units) or None, got {max_step}")
     lam_min, lam_max, convention_name = _apply_convention(convention, lam_min, lam_max)
     lam_min, lam_max = resolve_lam_range(eps_fn, lam_min, lam_max)
     precision = check_precision(precision)
