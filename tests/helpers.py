@@ -76,6 +76,19 @@ def tiny_unet(seed: int = 0, channels: int = 1, out_mult: int = 1, perturb: bool
     return unet.eval()
 
 
+def as_tensor_keeps_tensor_devices(monkeypatch) -> None:
+    """Make ``torch.as_tensor(tensor)`` keep the tensor's device inside a default-device context, as it does
+    outside one, so that the "default device = meta" tests flag only tensors created without a device."""
+    as_tensor = torch.as_tensor
+
+    def keep_device(data, dtype=None, device=None):
+        if device is None and isinstance(data, torch.Tensor):
+            device = data.device
+        return as_tensor(data, dtype=dtype, device=device)
+
+    monkeypatch.setattr(torch, "as_tensor", keep_device)
+
+
 def switched_eps(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Exact eps of GAUSS_A for t < 1/2 and of GAUSS_B for t >= 1/2 (time-inconsistent)."""
     early = (t < 0.5)[:, None]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import as_tensor_keeps_tensor_devices
 
 from scoredensity.elbo import elbo
 from scoredensity.formula import fit_proposal, log_density, resolve_control_variate
@@ -409,14 +410,7 @@ def test_estimators_create_every_tensor_where_the_data_live(run, monkeypatch):
 
     gm, x = _ring(20)
     xk = 2 * torch.randint(0, 17, (20, 2), generator=_gen(0)).float() / 16 - 1
-    as_tensor = torch.as_tensor
-
-    def keep_device(data, dtype=None, device=None):  # as outside a device context: a tensor keeps its device
-        if device is None and isinstance(data, torch.Tensor):
-            device = data.device
-        return as_tensor(data, dtype=dtype, device=device)
-
-    monkeypatch.setattr(torch, "as_tensor", keep_device)
+    as_tensor_keeps_tensor_devices(monkeypatch)
     end_terms = sys.modules["scoredensity.decoders"].end_terms
 
     def end_terms_on_data(x, lam_min, lam_max):  # decoders.end_terms makes CPU scalars (not in these files)

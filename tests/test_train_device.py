@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import as_tensor_keeps_tensor_devices
 
 from scoredensity.checkpoint import read_config
 from scoredensity.data import load_dataset
@@ -124,14 +125,7 @@ def test_a_training_step_makes_no_tensor_off_the_data_device(trainer, monkeypatc
     """Under torch.device('meta') any tensor the step made without naming its device would land on 'meta' and fail;
     the step (batch, draws, loss, backward, all-reduce, clipping, AdamW, EMA, sampler, finiteness check) runs."""
     tr = trainer
-    as_tensor = torch.as_tensor
-
-    def keep_device(data, dtype=None, device=None):  # as outside a device context: a tensor keeps its device
-        if device is None and isinstance(data, torch.Tensor):
-            device = data.device
-        return as_tensor(data, dtype=dtype, device=device)
-
-    monkeypatch.setattr(torch, "as_tensor", keep_device)
+    as_tensor_keeps_tensor_devices(monkeypatch)
     losses = sys.modules["scoredensity.losses"]
     end_terms = losses.end_terms
 
